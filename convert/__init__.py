@@ -1,0 +1,1 @@
+"""HF checkpoints (dense or gaze) to GGUF: installed as ``gaze_edge.convert``."""

@@ -1,0 +1,66 @@
+"""Gaze hyper-parameters stored with a model (GAZE_SPEC.md, "Hyper-parameters stored with a model").
+
+One dataclass shared by the reference, the checkpoint format, the converter and the runtime.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+SCORE_MODES = ("gqa_mean", "per_head", "layer_mean")
+
+
+@dataclass(frozen=True)
+class GazeConfig:
+    """How a model gazes.
+
+    region_h, region_w: region size in grid tokens (edge regions may be smaller).
+    n_context_tokens: learned context tokens appended after every image chunk's grid.
+    top_k: regions kept per decode step (> 0 takes precedence over keep_ratio).
+    keep_ratio: fraction of all regions kept when top_k == 0.
+    score_mode: one of SCORE_MODES.
+    """
+
+    region_h: int = 2
+    region_w: int = 2
+    n_context_tokens: int = 1
+    top_k: int = 0
+    keep_ratio: float = 0.25
+    score_mode: str = "gqa_mean"
+
+    def __post_init__(self) -> None:
+        if self.region_h < 1 or self.region_w < 1:
+            raise ValueError(f"region size must be >= 1, got {self.region_h}x{self.region_w}")
+        if self.n_context_tokens < 0:
+            raise ValueError(f"n_context_tokens must be >= 0, got {self.n_context_tokens}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (0.0 < self.keep_ratio <= 1.0):
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.score_mode not in SCORE_MODES:
+            raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}")
+
+    def n_selected(self, n_regions_total: int) -> int:
+        """k for a sequence holding n_regions_total regions (GAZE_SPEC.md, Selection)."""
+        if n_regions_total <= 0:
+            return 0
+        if self.top_k > 0:
+            k = self.top_k
+        else:
+            k = math.ceil(float(self.keep_ratio) * n_regions_total - 1e-6)
+        return max(1, min(k, n_regions_total))
+
+    def replace(self, **changes) -> GazeConfig:
+        return GazeConfig(**{**asdict(self), **changes})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GazeConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown gaze settings: {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,23 @@
+"""GGUF key and tensor names for gaze, defined once (the C++ side must use the same strings).
+
+Selection settings live in the language-model GGUF (under the architecture prefix, like
+``llama.attention.gaze.top_k``); region size, context-token count and the context-token tensor
+live in the mmproj, because mtmd emits image embeddings (context tokens included) and registers
+each image's grid with the region size. See docs/FORMAT.md.
+"""
+
+# language-model GGUF: "{arch}.attention.gaze.*"
+LLM_TOP_K = "{arch}.attention.gaze.top_k"  # u32, 0 = use keep_ratio
+LLM_KEEP_RATIO = "{arch}.attention.gaze.keep_ratio"  # f32
+LLM_SCORE_MODE = "{arch}.attention.gaze.score_mode"  # u32, index into SCORE_MODE_IDS
+
+# mmproj GGUF
+MMPROJ_REGION_SIZE = "clip.vision.gaze.region_size"  # u32[2] = [region_h, region_w]
+MMPROJ_N_CONTEXT_TOKENS = "clip.vision.gaze.n_ctx_tokens"  # u32
+TENSOR_CONTEXT_TOKENS = "v.gaze.ctx_tok"  # f32, ggml shape [n_embd_text, n_ctx_tokens]
+
+SCORE_MODE_IDS = {"gqa_mean": 0, "per_head": 1, "layer_mean": 2}
+
+
+def llm_key(template: str, arch: str) -> str:
+    return template.format(arch=arch)
