@@ -1,0 +1,340 @@
+"""The gaze reference hooked into transformers models, against the unmodified models.
+
+Tiny random models (gaze_edge.reference.tiny_models). Tolerances: "exact" means torch.equal;
+f64 comparisons use 1e-10 where both sides do the same
+floating-point operations.
+"""
+
+import copy
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+from gaze_edge.config import GazeConfig
+from gaze_edge.reference import GazeState, GazeVLM, gaze_visibility
+from gaze_edge.reference.tiny_models import QWEN2_VL_TOKENS, qwen2_vl_pixels, tiny_llava, tiny_qwen2_vl
+
+torch.set_num_threads(1)
+ANSWER = [10, 11, 12, 13, 14]
+
+
+@dataclass
+class Case:
+    """A model and a prompt holding one or more 6x6-grid images."""
+
+    model: torch.nn.Module
+    prompt: torch.Tensor  # (1, L)
+    image_kwargs: dict
+    family: str
+    hf_extra: dict = field(default_factory=dict)
+
+    def ids(self, answer=ANSWER):
+        return torch.cat([self.prompt, torch.tensor([answer])], dim=1)
+
+    def hf_kwargs(self, ids):
+        kwargs = dict(self.image_kwargs)
+        if self.family != "llava":
+            kwargs["mm_token_type_ids"] = (ids == QWEN2_VL_TOKENS["image"]).int()
+        return kwargs
+
+
+def make_case(family="llava", *, text="llama", attn="eager", n_kv_heads=2, n_images=1, seed=0):
+    g = torch.Generator().manual_seed(seed + 100)
+    if family == "llava":
+        model = tiny_llava(text=text, attn_implementation=attn, n_kv_heads=n_kv_heads, seed=seed)
+        img = model.config.image_token_id
+        chunk = [img] * 36
+        kwargs = dict(pixel_values=torch.randn(n_images, 3, 84, 84, generator=g))
+    else:
+        version = "2.5" if family == "qwen2_5_vl" else "2"
+        model = tiny_qwen2_vl(version=version, attn_implementation=attn, n_kv_heads=n_kv_heads, seed=seed)
+        tok = QWEN2_VL_TOKENS
+        chunk = [tok["vision_start"]] + [tok["image"]] * 36 + [tok["vision_end"]]
+        px, thw = qwen2_vl_pixels([(1, 12, 12)] * n_images, seed=seed)
+        kwargs = dict(pixel_values=px, image_grid_thw=thw)
+    prompt = [1, 5, 6]
+    for i in range(n_images):
+        prompt += chunk + [7 + i]
+    prompt += [8, 9]
+    return Case(model, torch.tensor([prompt]), kwargs, family)
+
+
+FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl"]
+
+
+@pytest.mark.parametrize(
+    "family,text,attn",
+    [("llava", "llama", "eager"), ("llava", "qwen2", "eager"), ("llava", "llama", "sdpa"),
+     ("qwen2_vl", None, "eager"), ("qwen2_vl", None, "sdpa"), ("qwen2_5_vl", None, "eager")],
+)
+def test_gaze_off_equals_the_unmodified_model_exactly(family, text, attn):
+    case = make_case(family, text=text or "llama", attn=attn)
+    reference = copy.deepcopy(case.model)
+    ids = case.ids()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, **case.hf_kwargs(ids)).logits
+        vlm = GazeVLM(case.model, GazeConfig(n_context_tokens=0, top_k=2))
+        assert torch.equal(vlm(ids, **case.image_kwargs).logits, expected)
+        vlm.enabled = False  # gaze off, even with a gaze_start
+        assert torch.equal(vlm(ids, **case.image_kwargs, gaze_start=case.prompt.shape[1]).logits, expected)
+        # the wrapped model itself is unchanged when called the transformers way
+        assert torch.equal(case.model(input_ids=ids, **case.hf_kwargs(ids)).logits, expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gaze_off_with_context_tokens_equals_the_model_fed_the_same_embeddings(family):
+    case = make_case(family)
+    reference = copy.deepcopy(case.model)
+    vlm = GazeVLM(case.model, GazeConfig(n_context_tokens=3, top_k=2))
+    ids = case.ids()
+    with torch.no_grad():
+        seq = vlm.build_sequence(ids, **case.image_kwargs)
+        hidden = reference.model.language_model(
+            inputs_embeds=seq.inputs_embeds, position_ids=seq.position_ids
+        ).last_hidden_state
+        expected = reference.lm_head(hidden)[0, seq.source_index[0]]
+        vlm.enabled = False
+        assert torch.equal(vlm(ids, **case.image_kwargs, gaze_start=case.prompt.shape[1]).logits[0], expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mrope_and_1d_positions_match_transformers_with_context_tokens_as_text(family):
+    """Context tokens take positions like text: with them replaced by a text token, the model's
+    own position computation must give the same positions."""
+    case = make_case(family, n_images=2)
+    vlm = GazeVLM(case.model, GazeConfig(n_context_tokens=3))
+    seq = vlm.build_sequence(case.prompt, **case.image_kwargs)
+    if family == "llava":
+        assert torch.equal(seq.position_ids[0], torch.arange(seq.inputs_embeds.shape[1]))
+        return
+    as_text = torch.full(seq.token_region.shape, 3)
+    as_text[0, seq.source_index[0]] = case.prompt[0]
+    mm = (as_text == QWEN2_VL_TOKENS["image"]).int()
+    expected, _ = case.model.model.get_rope_index(as_text, mm, case.image_kwargs["image_grid_thw"])
+    assert torch.equal(seq.position_ids, expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["gqa_mean", "per_head", "layer_mean"])
+def test_top_k_at_least_n_regions_equals_dense_exactly(family, mode):
+    case = make_case(family, n_images=2)
+    vlm = GazeVLM(case.model, GazeConfig(region_h=2, region_w=3, n_context_tokens=2, top_k=12, score_mode=mode))
+    ids, start = case.ids(), case.prompt.shape[1]
+    with torch.no_grad():
+        gazed = vlm(ids, **case.image_kwargs, gaze_start=start, return_selections=True)
+        assert gazed.selections[0].selected[:, :, start:].all()
+        dense = vlm(ids, **case.image_kwargs).logits
+        assert torch.equal(gazed.logits, dense)
+        vlm.prefill(case.prompt, **case.image_kwargs)
+        gaze_steps = [vlm.step(t).logits for t in ANSWER]
+        vlm.prefill(case.prompt, **case.image_kwargs)
+        dense_steps = [vlm.step(t, generated=False).logits for t in ANSWER]
+    assert all(torch.equal(a, b) for a, b in zip(gaze_steps, dense_steps, strict=True))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["gqa_mean", "per_head", "layer_mean"])
+def test_full_sequence_with_gaze_start_equals_incremental_decoding(family, mode):
+    case = make_case(family, n_images=2)
+    case.model.double()
+    config = GazeConfig(region_h=2, region_w=2, n_context_tokens=2, keep_ratio=0.2, score_mode=mode)
+    vlm = GazeVLM(case.model, config).double()
+    ids, start = case.ids(), case.prompt.shape[1]
+    image_kwargs = {k: v.double() if v.is_floating_point() else v for k, v in case.image_kwargs.items()}
+    with torch.no_grad():
+        full = vlm(ids, **image_kwargs, gaze_start=start, return_selections=True)
+        steps = [vlm.prefill(case.prompt, **image_kwargs)]
+        steps += [vlm.step(t) for t in ANSWER]
+    assert steps[0].trace is None
+    incremental = torch.stack([s.logits for s in steps])
+    torch.testing.assert_close(full.logits[0, start - 1 :], incremental, atol=1e-10, rtol=0)
+    with torch.no_grad():  # and gaze did change them (the comparison is not dense vs dense)
+        dense = vlm(ids, **image_kwargs).logits
+    assert (full.logits[0, start:] - dense[0, start:]).abs().max() > 1e-6
+    torch.testing.assert_close(full.logits[0, :start], dense[0, :start], atol=0, rtol=0)
+    # the same regions, query by query (f64: no near-ties to excuse)
+    n_layers = len(full.selections)
+    for i, step in enumerate(steps[1:]):
+        query = int(full.sequence.source_index[0, start + i])
+        for layer in range(n_layers):
+            sel = full.selections[layer].selected[0, :, query]
+            ids_full = [row.nonzero().flatten().tolist() for row in sel]
+            if mode == "layer_mean":
+                ids_full = ids_full * vlm.n_kv_heads
+            assert step.trace.selected[layer].tolist() == ids_full
+    assert step.trace.n_regions == 18 and step.trace.k == 4  # ceil(0.2 * 18)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    st.sampled_from(FAMILIES),
+    st.sampled_from(["gqa_mean", "per_head", "layer_mean"]),
+    st.integers(0, 20),
+    st.sampled_from([0.05, 0.3, 1.0]),
+    st.integers(1, 4),
+    st.integers(1, 4),
+)
+def test_selection_never_exceeds_k_regions(family, mode, top_k, keep_ratio, region_h, region_w):
+    case = _cached_case(family)
+    config = GazeConfig(region_h=region_h, region_w=region_w, n_context_tokens=1, top_k=top_k,
+                        keep_ratio=keep_ratio, score_mode=mode)
+    vlm = GazeVLM(case.model, config)
+    n_regions = 2 * (-(-6 // region_h)) * (-(-6 // region_w))
+    k = config.n_selected(n_regions)
+    n_heads = case.model.config.text_config.num_attention_heads
+    with torch.no_grad():
+        vlm.prefill(case.prompt, **case.image_kwargs)
+        trace = vlm.step(ANSWER[0]).trace
+    expected_heads = n_heads if mode == "per_head" else vlm.n_kv_heads
+    assert trace.selected.shape == (case.model.config.text_config.num_hidden_layers, expected_heads, k)
+    assert trace.n_regions == n_regions
+    for row in trace.selected.flatten(0, 1):
+        assert len(set(row.tolist())) == k and all(0 <= r < n_regions for r in row.tolist())
+
+
+_CASES = {}
+
+
+def _cached_case(family):
+    if family not in _CASES:
+        _CASES[family] = make_case(family, n_images=2)
+    return _CASES[family]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_and_context_tokens_are_always_visible(family):
+    case = make_case(family)
+    vlm = GazeVLM(case.model, GazeConfig(region_h=3, region_w=3, n_context_tokens=2, top_k=1))
+    ids = case.ids()
+    seq = vlm.build_sequence(ids, **case.image_kwargs)
+    n = seq.token_region.shape[1]
+    g = torch.Generator().manual_seed(0)
+    query, key = torch.randn(1, 4, n, 8, generator=g), torch.randn(1, 2, n, 8, generator=g)
+    state = GazeState(vlm.gaze_config, seq.token_region, seq.n_regions, torch.ones(1, n, dtype=torch.bool))
+    visible = gaze_visibility(0, query, key, state)
+    non_grid = seq.token_region[0] < 0
+    assert visible[..., non_grid].all()
+    assert seq.is_context[0].sum() == 2 and non_grid[seq.is_context[0]].all()
+    # each head sees exactly one 3x3 region = 9 grid tokens
+    assert (visible[..., ~non_grid].sum(-1) == 9).all()
+
+
+def _capture_queries(text_model):
+    """Forward pre-hooks recording each attention module's post-RoPE query."""
+    import sys
+
+    captured, handles = {}, []
+    for layer, block in enumerate(text_model.layers):
+        attn = block.self_attn
+        rope = sys.modules[type(attn).__module__]
+
+        def hook(module, args, kwargs, layer=layer, rope=rope):
+            hidden = kwargs["hidden_states"]
+            q = module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim).transpose(1, 2)
+            cos, sin = kwargs["position_embeddings"]
+            if hasattr(rope, "apply_multimodal_rotary_pos_emb"):
+                q, _ = rope.apply_multimodal_rotary_pos_emb(q, q, cos, sin, module.rope_parameters["mrope_section"])
+            else:
+                q, _ = rope.apply_rotary_pos_emb(q, q, cos, sin)
+            captured[layer] = q
+
+        handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
+    return captured, handles
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode,n_kv_heads", [("layer_mean", 2), ("gqa_mean", 1)])
+def test_a_gaze_step_equals_dense_attention_over_the_selected_cache(family, mode, n_kv_heads):
+    """Independent check of steps 1-4: the selection recomputed by brute force from the cached keys
+    and the queries, and the logits equal to the unmodified model decoding over a KV cache from
+    which the unselected regions' tokens were removed."""
+    case = make_case(family, n_kv_heads=n_kv_heads, n_images=2)
+    case.model.double()
+    reference = copy.deepcopy(case.model)
+    config = GazeConfig(region_h=2, region_w=3, n_context_tokens=2, top_k=3, score_mode=mode)
+    vlm = GazeVLM(case.model, config).double()
+    image_kwargs = {k: v.double() if v.is_floating_point() else v for k, v in case.image_kwargs.items()}
+    text_model = vlm.text_model
+    with torch.no_grad():
+        vlm.prefill(case.prompt, **image_kwargs)
+        session = vlm._session
+        prefill_cache = copy.deepcopy(session.cache)
+        position = session.next_position
+        captured, handles = _capture_queries(text_model)
+        step = vlm.step(ANSWER[0])
+        for h in handles:
+            h.remove()
+        region = session.state.token_region[0]
+        n_regions = int(session.state.n_regions[0])
+        pruned = DynamicCache(config=reference.model.language_model.config)
+        for layer, cached in enumerate(prefill_cache.layers):
+            keys, values = cached.keys, cached.values
+            # brute-force steps 1-3
+            q = captured[layer][0, :, 0].double()  # (Hq, D)
+            scores = []
+            for r in range(n_regions):
+                d = keys[0, :, region == r].double().mean(dim=1)  # (Hkv, D)
+                group = q.shape[0] // d.shape[0]
+                per_head = (q * d.repeat_interleave(group, dim=0)).sum(-1)
+                scores.append(float(per_head.mean()))
+            best = sorted(range(n_regions), key=lambda r: (-scores[r], r))[: config.top_k]
+            assert step.trace.selected[layer].tolist() == [sorted(best)] * keys.shape[1]
+            keep = (region < 0) | torch.isin(region, torch.tensor(best))
+            pruned.update(keys[:, :, keep], values[:, :, keep], layer)
+        embeds = reference.get_input_embeddings()(torch.tensor([[ANSWER[0]]]))
+        pos = torch.tensor([[position]])
+        if family != "llava":
+            pos = pos[None].expand(3, 1, 1)
+        hidden = reference.model.language_model(
+            inputs_embeds=embeds, position_ids=pos, cache=pruned, use_cache=True
+        ).last_hidden_state
+        expected = reference.lm_head(hidden[0, -1])
+    # transformers' eager softmax runs in f32 even for an f64 model, and the two softmaxes sum
+    # different numbers of (exactly zero) terms: agreement to f32 rounding, not f64.
+    torch.testing.assert_close(step.logits, expected, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_gradients_reach_context_tokens_and_the_vision_tower(family):
+    case = make_case(family)
+    vlm = GazeVLM(case.model, GazeConfig(region_h=2, region_w=2, n_context_tokens=2, top_k=2))
+    vlm.train()
+    ids, start = case.ids(), case.prompt.shape[1]
+    out = vlm(ids, **case.image_kwargs, gaze_start=start)
+    loss = torch.nn.functional.cross_entropy(out.logits[0, start - 1 : -1], ids[0, start:])
+    loss.backward()
+    assert vlm.context_tokens.grad is not None and vlm.context_tokens.grad.abs().sum() > 0
+    vision = case.model.model.vision_tower if family == "llava" else case.model.model.visual
+    grads = [p.grad for p in vision.parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_gaze_start_inside_an_image_is_rejected():
+    case = make_case("llava")
+    vlm = GazeVLM(case.model, GazeConfig(n_context_tokens=1))
+    with pytest.raises(ValueError, match="gaze_start"):
+        vlm(case.ids(), **case.image_kwargs, gaze_start=10)
+
+
+def test_wrong_context_token_shape_is_rejected():
+    case = make_case("llava")
+    with pytest.raises(ValueError, match="context_tokens"):
+        GazeVLM(case.model, GazeConfig(n_context_tokens=2), torch.zeros(3, 32))
+
+
+def test_batched_rows_with_different_gaze_starts():
+    case = make_case("llava")
+    vlm = GazeVLM(case.model, GazeConfig(n_context_tokens=2, top_k=2))
+    ids = case.ids().repeat(2, 1)
+    start = case.prompt.shape[1]
+    pixels = case.image_kwargs["pixel_values"].repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        both = vlm(ids, pixel_values=pixels, gaze_start=torch.tensor([start, start + 2])).logits
+        first = vlm(ids[:1], pixel_values=pixels[:1], gaze_start=start).logits
+        second = vlm(ids[:1], pixel_values=pixels[:1], gaze_start=start + 2).logits
+    torch.testing.assert_close(both[0], first[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(both[1], second[0], atol=1e-5, rtol=0)
