@@ -126,7 +126,8 @@ def test_top_k_at_least_n_regions_equals_dense_exactly(family, mode):
     ids, start = case.ids(), case.prompt.shape[1]
     with torch.no_grad():
         gazed = vlm(ids, **case.image_kwargs, gaze_start=start, return_selections=True)
-        assert gazed.selections[0].selected[:, :, start:].all()
+        assert gazed.selections[0].query_index.tolist() == list(range(start + 4, ids.shape[1] + 4))
+        assert gazed.selections[0].selected.all()
         dense = vlm(ids, **case.image_kwargs).logits
         assert torch.equal(gazed.logits, dense)
         vlm.prefill(case.prompt, **case.image_kwargs)
@@ -161,7 +162,7 @@ def test_full_sequence_with_gaze_start_equals_incremental_decoding(family, mode)
     for i, step in enumerate(steps[1:]):
         query = int(full.sequence.source_index[0, start + i])
         for layer in range(n_layers):
-            sel = full.selections[layer].selected[0, :, query]
+            _, sel = full.selections[layer].at(query)
             ids_full = [row.nonzero().flatten().tolist() for row in sel]
             if mode == "layer_mean":
                 ids_full = ids_full * vlm.n_kv_heads
@@ -338,3 +339,37 @@ def test_batched_rows_with_different_gaze_starts():
         second = vlm(ids[:1], pixel_values=pixels[:1], gaze_start=start + 2).logits
     torch.testing.assert_close(both[0], first[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(both[1], second[0], atol=1e-5, rtol=0)
+
+
+def test_bf16_autocast_training_scores_in_f32():
+    case = make_case("llava")
+    vlm = GazeVLM(case.model, GazeConfig(n_context_tokens=2, top_k=2))
+    ids, start = case.ids(), case.prompt.shape[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = vlm(ids, **case.image_kwargs, gaze_start=start, return_selections=True)
+        loss = out.logits[0, start:].float().logsumexp(-1).mean()
+    loss.backward()
+    assert out.selections[0].scores.dtype == torch.float32
+    assert vlm.context_tokens.grad is not None
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_right_padded_batch_matches_each_row_alone(family):
+    case = make_case(family)
+    vlm = GazeVLM(case.model, GazeConfig(n_context_tokens=2, top_k=2))
+    start = case.prompt.shape[1]
+    long_ids, short_ids = case.ids(), case.ids(ANSWER[:2])
+    pad = long_ids.shape[1] - short_ids.shape[1]
+    ids = torch.cat([long_ids, torch.cat([short_ids, torch.zeros(1, pad, dtype=torch.long)], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, -pad:] = 0
+    kwargs = dict(case.image_kwargs)
+    if family == "llava":
+        kwargs["pixel_values"] = kwargs["pixel_values"].repeat(2, 1, 1, 1)
+    else:
+        kwargs = {k: torch.cat([v, v]) for k, v in kwargs.items()}
+    with torch.no_grad():
+        both = vlm(ids, **kwargs, attention_mask=mask, gaze_start=start).logits
+        alone = [vlm(x, **case.image_kwargs, gaze_start=start).logits[0] for x in (long_ids, short_ids)]
+    torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(both[1, : short_ids.shape[1]], alone[1], atol=1e-5, rtol=0)

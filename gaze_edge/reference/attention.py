@@ -47,13 +47,22 @@ GAZE_PREFIX = "gaze_"
 
 @dataclass
 class LayerSelection:
-    """What one layer selected in one forward. S as in ``region_scores``.
+    """What one layer selected in one forward, for the ``n`` queries that gazed.
 
-    scores: ``(B, S, Lq, R)`` f32; selected: bool ``(B, S, Lq, R)``.
+    query_index: ``(n,)`` long: the positions (within the forward's queries) that gazed in some row.
+    scores: ``(B, S, n, R)`` f32; selected: bool ``(B, S, n, R)``. S as in ``region_scores``.
     """
 
+    query_index: torch.Tensor
     scores: torch.Tensor
     selected: torch.Tensor
+
+    def at(self, query: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores ``(S, R)``, selected ``(S, R)``) of one query position of one row."""
+        where = (self.query_index == query).nonzero().flatten()
+        if len(where) != 1:
+            raise KeyError(f"query {query} did not gaze")
+        return self.scores[row, :, int(where)], self.selected[row, :, int(where)]
 
 
 @dataclass
@@ -105,19 +114,27 @@ def gaze_visibility(layer: int, query: torch.Tensor, key: torch.Tensor, state: G
     """Bool ``(B, Hq, Lq, Lk)``: the tokens each query head may see (all tokens for dense queries).
 
     query: ``(B, Hq, Lq, D)`` post-RoPE; key: ``(B, Hkv, Lk, D)`` the whole cache, post-RoPE.
+    Only the query positions that gaze in some row are scored (the others are dense anyway).
     """
-    with torch.no_grad():
-        token_region = _key_regions(state, key.shape[2])
+    batch, n_heads, n_queries, _ = query.shape
+    n_keys = key.shape[2]
+    # Hard selection: no gradient; f32 even under autocast (the spec scores in f32).
+    with torch.no_grad(), torch.autocast(query.device.type, enabled=False):
+        token_region = _key_regions(state, n_keys)
         descriptors = state.descriptors.get(layer)
         if descriptors is None:
             descriptors = region_descriptors(key.detach(), token_region, state.max_regions)
             state.descriptors[layer] = descriptors
-        scores = region_scores(query.detach(), descriptors, state.config.score_mode)
+        gazes = state.query_gazes.to(query.device)  # (B, Lq)
+        query_index = gazes.any(dim=0).nonzero().flatten()
+        scores = region_scores(query.detach()[:, :, query_index], descriptors, state.config.score_mode)
         selected = select_regions(scores, state.k.to(scores.device), state.n_regions.to(scores.device))
-        visible = visible_tokens(selected, token_region, query.shape[1])
-        visible = visible | ~state.query_gazes[:, None, :, None].to(visible.device)
+        gazed = visible_tokens(selected, token_region, n_heads)  # (B, Hq, n, Lk)
+        gazed = gazed | ~gazes[:, query_index][:, None, :, None]  # rows where this query is dense
+        visible = torch.ones(batch, n_heads, n_queries, n_keys, dtype=torch.bool, device=query.device)
+        visible[:, :, query_index] = gazed
         if state.trace is not None:
-            state.trace[layer] = LayerSelection(scores=scores.cpu(), selected=selected.cpu())
+            state.trace[layer] = LayerSelection(query_index.cpu(), scores.cpu(), selected.cpu())
     return visible
 
 

@@ -49,7 +49,8 @@ class GazeTrace:
 @dataclass
 class GazeOutput:
     """logits: ``(B, L, V)`` at the input tokens; sequence: the built sequence; selections: per
-    layer ``LayerSelection`` over all ``N`` expanded positions when asked for, else None."""
+    layer ``LayerSelection`` (query positions index the expanded sequence) when asked for, else
+    None. ``trace_from_selections(out.selections, n_kv_heads, query)`` gives one query's trace."""
 
     logits: torch.Tensor
     sequence: GazeSequence
@@ -71,16 +72,17 @@ class _Session:
     next_position: int
 
 
-def trace_from_selections(selections: dict[int, LayerSelection], n_kv_heads: int, query: int = -1) -> GazeTrace:
-    """A GazeTrace for one query (row 0) from per-layer selections."""
+def trace_from_selections(selections: dict[int, LayerSelection], n_kv_heads: int, query: int = 0) -> GazeTrace:
+    """A GazeTrace for one query position (row 0) from per-layer selections (a decode step has
+    one query, position 0)."""
     layers = sorted(selections)
     ids, scores = [], []
     for layer in layers:
-        sel = selections[layer].selected[0, :, query]  # (S, R)
+        layer_scores, sel = selections[layer].at(query)  # (S, R) each
         if sel.shape[0] == 1:
             sel = sel.expand(n_kv_heads, -1)
         ids.append(selected_region_ids(sel))
-        scores.append(selections[layer].scores[0, :, query])
+        scores.append(layer_scores)
     selected = torch.stack(ids)
     return GazeTrace(selected, torch.stack(scores), k=selected.shape[-1], n_regions=scores[0].shape[-1])
 
