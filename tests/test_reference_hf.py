@@ -42,7 +42,8 @@ class Case:
         return kwargs
 
 
-def make_case(family="llava", *, text="llama", attn="eager", n_kv_heads=2, n_images=1, seed=0):
+def make_case(family="llava", *, text="llama", attn="eager", n_kv_heads=2, n_images=1, seed=0, qwen_grids=None):
+    """qwen_grids: Qwen2-VL patch grids (t, h, w) per image (default 12x12 patches = 6x6 tokens)."""
     g = torch.Generator().manual_seed(seed + 100)
     if family == "llava":
         model = tiny_llava(text=text, attn_implementation=attn, n_kv_heads=n_kv_heads, seed=seed)
@@ -53,12 +54,14 @@ def make_case(family="llava", *, text="llama", attn="eager", n_kv_heads=2, n_ima
         version = "2.5" if family == "qwen2_5_vl" else "2"
         model = tiny_qwen2_vl(version=version, attn_implementation=attn, n_kv_heads=n_kv_heads, seed=seed)
         tok = QWEN2_VL_TOKENS
-        chunk = [tok["vision_start"]] + [tok["image"]] * 36 + [tok["vision_end"]]
-        px, thw = qwen2_vl_pixels([(1, 12, 12)] * n_images, seed=seed)
+        grids = qwen_grids or [(1, 12, 12)] * n_images
+        n_images = len(grids)
+        chunks = [[tok["vision_start"]] + [tok["image"]] * (h * w // 4) + [tok["vision_end"]] for _, h, w in grids]
+        px, thw = qwen2_vl_pixels(grids, seed=seed)
         kwargs = dict(pixel_values=px, image_grid_thw=thw)
     prompt = [1, 5, 6]
     for i in range(n_images):
-        prompt += chunk + [7 + i]
+        prompt += (chunk if family == "llava" else chunks[i]) + [7 + i]
     prompt += [8, 9]
     return Case(model, torch.tensor([prompt]), kwargs, family)
 
@@ -373,3 +376,48 @@ def test_right_padded_batch_matches_each_row_alone(family):
         alone = [vlm(x, **case.image_kwargs, gaze_start=start).logits[0] for x in (long_ids, short_ids)]
     torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(both[1, : short_ids.shape[1]], alone[1], atol=1e-5, rtol=0)
+
+
+def test_dynamic_qwen2_vl_grids_with_odd_regions():
+    """Two images of different, non-square grids (4x6 and 7x3 tokens) with 2x4 regions: positions
+    match transformers, full-sequence equals incremental decoding, regions number globally."""
+    case = make_case("qwen2_vl", qwen_grids=[(1, 8, 12), (1, 14, 6)])
+    case.model.double()
+    config = GazeConfig(region_h=2, region_w=4, n_context_tokens=2, top_k=3)
+    vlm = GazeVLM(case.model, config).double()
+    kwargs = {k: v.double() if v.is_floating_point() else v for k, v in case.image_kwargs.items()}
+    seq = vlm.build_sequence(case.prompt, **kwargs)
+    assert [(s.grid_h, s.grid_w, s.first_region, s.n_regions) for s in seq.images[0]] == [(4, 6, 0, 4), (7, 3, 4, 4)]
+    as_text = torch.full(seq.token_region.shape, 3)
+    as_text[0, seq.source_index[0]] = case.prompt[0]
+    mm = (as_text == QWEN2_VL_TOKENS["image"]).int()
+    expected, _ = case.model.model.get_rope_index(as_text, mm, kwargs["image_grid_thw"])
+    assert torch.equal(seq.position_ids, expected)
+    ids, start = case.ids(), case.prompt.shape[1]
+    with torch.no_grad():
+        full = vlm(ids, **kwargs, gaze_start=start).logits
+        steps = [vlm.prefill(case.prompt, **kwargs)] + [vlm.step(t) for t in ANSWER]
+    torch.testing.assert_close(full[0, start - 1 :], torch.stack([s.logits for s in steps]), atol=1e-10, rtol=0)
+    assert steps[-1].trace.n_regions == 8 and steps[-1].trace.selected.shape == (2, 2, 3)
+
+
+def test_a_sequence_without_images_is_dense():
+    case = make_case("llava")
+    vlm = GazeVLM(case.model, GazeConfig(n_context_tokens=2, top_k=1))
+    ids = torch.tensor([[1, 5, 6, 7, 8, 10, 11]])
+    with torch.no_grad():
+        assert torch.equal(vlm(ids, gaze_start=4).logits, case.model(input_ids=ids).logits)
+        vlm.prefill(ids[:, :4])
+        assert vlm.step(8).trace is None
+
+
+def test_generate_returns_tokens_and_traces():
+    case = make_case("llava")
+    vlm = GazeVLM(case.model, GazeConfig(n_context_tokens=2, top_k=2))
+    tokens, traces = vlm.generate(case.prompt, **case.image_kwargs, max_new_tokens=4)
+    assert len(tokens) == len(traces) == 4
+    assert traces[0] is None and all(t.selected.shape == (2, 2, 2) for t in traces[1:])
+    with torch.no_grad():  # greedy: each token is the argmax of the teacher-forced gaze logits
+        ids = torch.cat([case.prompt, torch.tensor([tokens])], dim=1)
+        logits = vlm(ids, **case.image_kwargs, gaze_start=case.prompt.shape[1]).logits
+    assert logits[0, case.prompt.shape[1] - 1 : -1].argmax(-1).tolist() == tokens

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gaze_edge.config import GazeConfig
-from gaze_edge.reference import NON_GRID, build_sequence
+from gaze_edge.reference import NON_GRID, build_sequence, gazing_queries
 
 torch.set_num_threads(1)
 E = 4
@@ -39,8 +39,13 @@ def test_context_tokens_follow_each_grid_with_1d_positions():
     assert seq.attention_mask is None
     assert seq.next_position.tolist() == [19]
     span = seq.images[0][1]
-    assert (span.grid_start, span.grid_h, span.grid_w, span.context_start, span.first_region, span.n_regions) == (
-        11, 2, 2, 15, 4, 2)
+    assert (span.grid_start, span.grid_h, span.grid_w, span.context_start, span.first_region, span.n_regions,
+            span.context_end) == (11, 2, 2, 15, 4, 2, 17)
+    # gaze_start counts input tokens: input 13 is expanded position 17
+    assert gazing_queries(seq, 13)[0].nonzero().flatten().tolist() == [17, 18]
+    assert not gazing_queries(seq, 15).any()
+    with pytest.raises(ValueError, match="gaze_start"):
+        gazing_queries(seq, 12)
 
 
 def test_mrope_positions_follow_the_spec():

@@ -4,7 +4,8 @@ Pure functions (no model needed):
 - regions: ``count_regions``, ``grid_token_regions``, ``region_token_counts``
 - selection: ``region_descriptors``, ``region_scores``, ``select_regions``, ``selection_sizes``,
   ``selected_region_ids``, ``visible_tokens``
-- sequence: ``build_sequence`` -> ``GazeSequence`` (context-token insertion, 1-D / M-RoPE positions)
+- sequence: ``build_sequence`` -> ``GazeSequence`` (context-token insertion, 1-D / M-RoPE positions),
+  ``gazing_queries`` (the gaze_start rule of full-sequence forwards)
 
 Hooked into transformers (no fork):
 - attention: ``install_gaze_attention``, ``GazeState``, ``gaze_visibility``
@@ -29,7 +30,7 @@ from gaze_edge.reference.selection import (
     selection_sizes,
     visible_tokens,
 )
-from gaze_edge.reference.sequence import GazeSequence, ImageSpan, build_sequence
+from gaze_edge.reference.sequence import GazeSequence, ImageSpan, build_sequence, gazing_queries
 from gaze_edge.reference.vlm import GazeOutput, GazeTrace, GazeVLM, StepOutput, trace_from_selections
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "count_regions",
     "family_of",
     "gaze_visibility",
+    "gazing_queries",
     "grid_token_regions",
     "install_gaze_attention",
     "region_descriptors",

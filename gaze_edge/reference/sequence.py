@@ -39,6 +39,7 @@ class ImageSpan:
     context_start: index of its first context token (``grid_start + grid_h * grid_w``).
     first_region: index of its first region in the row's global region numbering.
     n_regions: how many regions its grid holds.
+    context_end: one past its last context token (``context_start + C``).
     """
 
     grid_start: int
@@ -47,6 +48,7 @@ class ImageSpan:
     context_start: int
     first_region: int
     n_regions: int
+    context_end: int
 
 
 @dataclass
@@ -134,8 +136,9 @@ class _Row:
             positions = self._text_positions(n, self.valid[start:end])
             self._append(self.input_embeds[start:end], positions, torch.full((n,), NON_GRID), False)
 
-    def add_grid(self, start: int, end: int, grid: tuple[int, int], config: GazeConfig) -> None:
-        """The filled placeholders ``start:end`` of one image with an ``(h, w)`` grid."""
+    def add_grid(self, start: int, end: int, grid: tuple[int, int], config: GazeConfig, n_context: int) -> None:
+        """The filled placeholders ``start:end`` of one image with an ``(h, w)`` grid, which
+        ``n_context`` context tokens will follow."""
         grid_h, grid_w = grid
         n = end - start
         self.source.append(torch.arange(self.length, self.length + n))
@@ -148,7 +151,10 @@ class _Row:
             positions = torch.stack([torch.full((n,), p), p + rows, p + cols])
             self.mrope_next = p + max(grid_h, grid_w)  # 1 + the largest component used
         n_image_regions = count_regions(grid_h, grid_w, config.region_h, config.region_w)
-        self.images.append(ImageSpan(self.length, grid_h, grid_w, self.length + n, self.n_regions, n_image_regions))
+        context_end = self.length + n + n_context
+        self.images.append(
+            ImageSpan(self.length, grid_h, grid_w, self.length + n, self.n_regions, n_image_regions, context_end)
+        )
         regions = grid_token_regions(grid_h, grid_w, config.region_h, config.region_w) + self.n_regions
         self.n_regions += n_image_regions
         self._append(self.input_embeds[start:end], positions, regions, False)
@@ -218,7 +224,7 @@ def build_sequence(
         cursor = 0
         for (start, end), grid in zip(_image_runs(placeholders, sizes), row_grids, strict=True):
             row.add_text(cursor, start)
-            row.add_grid(start, end, grid, config)
+            row.add_grid(start, end, grid, config, context.shape[0])
             row.add_context(context)
             cursor = end
         row.add_text(cursor, n_inputs)
@@ -259,3 +265,25 @@ def build_sequence(
         images=[row.images for row in rows],
         rope=rope,
     )
+
+
+def gazing_queries(sequence: GazeSequence, gaze_start: int | torch.Tensor) -> torch.Tensor:
+    """The full-sequence (teacher-forced) gaze rule: bool ``(B, N)``, True for the expanded
+    positions at or after the first answer token.
+
+    gaze_start: input-token index (int, or ``(B,)``) of the first answer token; ``>= L`` means
+    the row has no answer (all dense). Every image chunk (grid and context tokens) must lie before
+    it, since a gazing query selects among all regions of the sequence.
+    """
+    batch, n_total = sequence.token_region.shape
+    n_inputs = sequence.source_index.shape[1]
+    starts = torch.as_tensor(gaze_start, dtype=torch.long).expand(batch).tolist()
+    first = []
+    for b, start in enumerate(starts):
+        expanded = int(sequence.source_index[b, start]) if start < n_inputs else n_total
+        image_end = max((span.context_end for span in sequence.images[b]), default=0)
+        if image_end > expanded:
+            raise ValueError(f"row {b}: gaze_start {start} lies inside or before an image chunk")
+        first.append(expanded)
+    first = torch.tensor(first, device=sequence.token_region.device)
+    return torch.arange(n_total, device=first.device)[None, :] >= first[:, None]

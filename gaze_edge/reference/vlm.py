@@ -25,7 +25,7 @@ from gaze_edge.config import GazeConfig
 from gaze_edge.reference.attention import GazeState, LayerSelection, install_gaze_attention, text_model_of
 from gaze_edge.reference.families import ImageFeatures, family_of
 from gaze_edge.reference.selection import selected_region_ids
-from gaze_edge.reference.sequence import GazeSequence, build_sequence
+from gaze_edge.reference.sequence import GazeSequence, build_sequence, gazing_queries
 
 
 @dataclass
@@ -167,20 +167,6 @@ class GazeVLM(nn.Module):
             attention_mask=attention_mask,
         )
 
-    def _gaze_start_expanded(self, sequence: GazeSequence, gaze_start, n_inputs: int) -> torch.Tensor:
-        """gaze_start (input-token index, int or ``(B,)``) as an index into the expanded rows."""
-        batch, n_total = sequence.token_region.shape
-        starts = torch.as_tensor(gaze_start, dtype=torch.long).expand(batch)
-        expanded = torch.full((batch,), n_total, dtype=torch.long)
-        for b, start in enumerate(starts.tolist()):
-            if start < n_inputs:
-                expanded[b] = int(sequence.source_index[b, start])
-            last_image_token = max((s.context_start + self.gaze_config.n_context_tokens for s in sequence.images[b]),
-                                   default=0)
-            if last_image_token > expanded[b]:
-                raise ValueError(f"row {b}: gaze_start {start} lies inside or before an image chunk")
-        return expanded
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -203,14 +189,11 @@ class GazeVLM(nn.Module):
         )
         state = None
         if self.enabled and gaze_start is not None:
-            starts = self._gaze_start_expanded(sequence, gaze_start, input_ids.shape[1])
-            n_total = sequence.token_region.shape[1]
-            query_gazes = torch.arange(n_total)[None, :] >= starts[:, None]
             state = GazeState(
                 self.gaze_config,
                 sequence.token_region,
                 sequence.n_regions,
-                query_gazes.to(input_ids.device),
+                gazing_queries(sequence, gaze_start),
                 trace={} if return_selections else None,
             )
         hidden = self.text_model(
