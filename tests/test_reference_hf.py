@@ -421,3 +421,19 @@ def test_generate_returns_tokens_and_traces():
         ids = torch.cat([case.prompt, torch.tensor([tokens])], dim=1)
         logits = vlm(ids, **case.image_kwargs, gaze_start=case.prompt.shape[1]).logits
     assert logits[0, case.prompt.shape[1] - 1 : -1].argmax(-1).tolist() == tokens
+
+
+def test_precomputed_image_features_and_trace_margins():
+    case = make_case("llava")
+    vlm = GazeVLM(case.model, GazeConfig(n_context_tokens=2, top_k=2))
+    with torch.no_grad():
+        images = vlm.image_features(**case.image_kwargs)
+        a = vlm(case.ids(), **case.image_kwargs, gaze_start=case.prompt.shape[1]).logits
+        b = vlm(case.ids(), image_features=images, gaze_start=case.prompt.shape[1]).logits
+        vlm.prefill(case.prompt, image_features=images)
+        trace = vlm.step(ANSWER[0]).trace
+    assert torch.equal(a, b)
+    margins = trace.margins()
+    assert margins.shape == (2, 2) and (margins >= 0).all()
+    top = trace.scores.sort(dim=-1, descending=True).values
+    torch.testing.assert_close(margins, top[..., 1] - top[..., 2])

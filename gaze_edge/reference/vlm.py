@@ -45,6 +45,14 @@ class GazeTrace:
     k: int
     n_regions: int
 
+    def margins(self) -> torch.Tensor:
+        """``(n_layers, S_scored)``: the k-th highest score minus the (k+1)-th (inf when every
+        region is selected). Parity tests compare selections only where this is clearly > 0."""
+        top = torch.topk(self.scores, min(self.k + 1, self.scores.shape[-1]), dim=-1).values
+        if self.k >= self.scores.shape[-1]:
+            return torch.full(top.shape[:-1], float("inf"))
+        return top[..., self.k - 1] - top[..., self.k]
+
 
 @dataclass
 class GazeOutput:
@@ -146,13 +154,18 @@ class GazeVLM(nn.Module):
         *,
         image_grid_thw: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        image_features: ImageFeatures | None = None,
     ) -> GazeSequence:
         """The text model's input (embeddings, positions, regions) with context tokens inserted.
 
         input_ids: ``(B, L)`` with the model's image placeholder token once per grid token.
+        image_features: images already embedded (e.g. another runtime's projector output), used
+          instead of running the vision tower on pixel_values.
         """
         token_embeds = self.model.get_input_embeddings()(input_ids)
-        if pixel_values is not None:
+        if image_features is not None:
+            images = image_features
+        elif pixel_values is not None:
             images = self.image_features(pixel_values, image_grid_thw)
         else:
             images = ImageFeatures([], [])
@@ -176,6 +189,7 @@ class GazeVLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         gaze_start: int | torch.Tensor | None = None,
         return_selections: bool = False,
+        image_features: ImageFeatures | None = None,
     ) -> GazeOutput:
         """Full-sequence (teacher-forced) forward.
 
@@ -185,7 +199,11 @@ class GazeVLM(nn.Module):
         Returns logits ``(B, L, V)`` at the input tokens.
         """
         sequence = self.build_sequence(
-            input_ids, pixel_values, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+            input_ids,
+            pixel_values,
+            image_grid_thw=image_grid_thw,
+            attention_mask=attention_mask,
+            image_features=image_features,
         )
         state = None
         if self.enabled and gaze_start is not None:
@@ -214,6 +232,7 @@ class GazeVLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         *,
         image_grid_thw: torch.Tensor | None = None,
+        image_features: ImageFeatures | None = None,
     ) -> StepOutput:
         """Start decoding: evaluate the prompt (one row) densely into a fresh KV cache.
 
@@ -221,7 +240,9 @@ class GazeVLM(nn.Module):
         """
         if input_ids.shape[0] != 1:
             raise ValueError("prefill takes one sequence (batch size 1)")
-        sequence = self.build_sequence(input_ids, pixel_values, image_grid_thw=image_grid_thw)
+        sequence = self.build_sequence(
+            input_ids, pixel_values, image_grid_thw=image_grid_thw, image_features=image_features
+        )
         cache = DynamicCache(config=self.text_model.config)
         hidden = self.text_model(
             inputs_embeds=sequence.inputs_embeds,
@@ -276,12 +297,13 @@ class GazeVLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         *,
         image_grid_thw: torch.Tensor | None = None,
+        image_features: ImageFeatures | None = None,
         max_new_tokens: int = 32,
         eos_token_id: int | None = None,
     ) -> tuple[list[int], list[GazeTrace | None]]:
         """Greedy decoding of one prompt: the generated token ids and each step's trace
         (None for the first token, which the dense prompt chooses)."""
-        out = self.prefill(input_ids, pixel_values, image_grid_thw=image_grid_thw)
+        out = self.prefill(input_ids, pixel_values, image_grid_thw=image_grid_thw, image_features=image_features)
         tokens, traces = [], []
         trace = None
         for _ in range(max_new_tokens):
