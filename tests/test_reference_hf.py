@@ -437,3 +437,17 @@ def test_precomputed_image_features_and_trace_margins():
     assert margins.shape == (2, 2) and (margins >= 0).all()
     top = trace.scores.sort(dim=-1, descending=True).values
     torch.testing.assert_close(margins, top[..., 1] - top[..., 2])
+
+
+def test_trace_accounts_visual_kv_entries():
+    """7x7 grid (98 px CLIP), 3x3 regions: sizes 9,9,3 / 9,9,3 / 3,3,1; the fraction is the
+    selected regions' tokens over all grid tokens, averaged over layers and KV heads."""
+    model = tiny_llava(image_size=98)
+    vlm = GazeVLM(model, GazeConfig(region_h=3, region_w=3, n_context_tokens=1, top_k=2))
+    prompt = torch.tensor([[1, 5] + [99] * 49 + [6]])
+    pixels = torch.randn(1, 3, 98, 98, generator=torch.Generator().manual_seed(0))
+    vlm.prefill(prompt, pixels)
+    trace = vlm.step(10).trace
+    assert trace.region_sizes.tolist() == [9, 9, 3, 9, 9, 3, 3, 3, 1]
+    expected = sum(trace.region_sizes[r] for r in trace.selected.flatten().tolist()) / (49 * 2 * 2)
+    assert trace.visual_kv_fraction() == pytest.approx(float(expected))

@@ -38,12 +38,22 @@ class GazeTrace:
     scores: ``(n_layers, S_scored, R)`` f32 (f64 for an f64 model), ``S_scored`` = KV heads,
       query heads, or 1 (layer_mean).
     k: regions selected per head; n_regions: regions in the sequence.
+    region_sizes: ``(R,)`` grid tokens per region (edge regions may be smaller), or None.
     """
 
     selected: torch.Tensor
     scores: torch.Tensor
     k: int
     n_regions: int
+    region_sizes: torch.Tensor | None = None
+
+    def visual_kv_fraction(self) -> float:
+        """GAZE_SPEC.md "Accounting": grid tokens in the selected regions, summed over layers and
+        heads, / (grid tokens x layers x heads)."""
+        if self.region_sizes is None:
+            raise ValueError("this trace carries no region sizes")
+        used = self.region_sizes[self.selected].sum()
+        return float(used) / float(self.region_sizes.sum() * self.selected.shape[0] * self.selected.shape[1])
 
     def margins(self) -> torch.Tensor:
         """``(n_layers, S_scored)``: the k-th highest score minus the (k+1)-th (inf when every
@@ -80,7 +90,12 @@ class _Session:
     next_position: int
 
 
-def trace_from_selections(selections: dict[int, LayerSelection], n_kv_heads: int, query: int = 0) -> GazeTrace:
+def trace_from_selections(
+    selections: dict[int, LayerSelection],
+    n_kv_heads: int,
+    query: int = 0,
+    region_sizes: torch.Tensor | None = None,
+) -> GazeTrace:
     """A GazeTrace for one query position (row 0) from per-layer selections (a decode step has
     one query, position 0)."""
     layers = sorted(selections)
@@ -92,7 +107,7 @@ def trace_from_selections(selections: dict[int, LayerSelection], n_kv_heads: int
         ids.append(selected_region_ids(sel))
         scores.append(layer_scores)
     selected = torch.stack(ids)
-    return GazeTrace(selected, torch.stack(scores), k=selected.shape[-1], n_regions=scores[0].shape[-1])
+    return GazeTrace(selected, torch.stack(scores), selected.shape[-1], scores[0].shape[-1], region_sizes)
 
 
 class GazeVLM(nn.Module):
@@ -287,7 +302,11 @@ class GazeVLM(nn.Module):
             gaze=state if gaze else None,
         ).last_hidden_state
         session.next_position += 1
-        trace = trace_from_selections(state.trace, self.n_kv_heads) if gaze else None
+        trace = None
+        if gaze:
+            region = state.token_region[0].cpu()
+            sizes = torch.bincount(region[region >= 0], minlength=state.max_regions)
+            trace = trace_from_selections(state.trace, self.n_kv_heads, region_sizes=sizes)
         return StepOutput(self.model.lm_head(hidden[0, -1]), trace)
 
     @torch.no_grad()
