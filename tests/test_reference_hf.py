@@ -451,3 +451,18 @@ def test_trace_accounts_visual_kv_entries():
     assert trace.region_sizes.tolist() == [9, 9, 3, 9, 9, 3, 3, 3, 1]
     expected = sum(trace.region_sizes[r] for r in trace.selected.flatten().tolist()) / (49 * 2 * 2)
     assert trace.visual_kv_fraction() == pytest.approx(float(expected))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_sdpa_base_gazes_like_eager_base(family):
+    eager, sdpa = make_case(family, attn="eager"), make_case(family, attn="sdpa")
+    config = GazeConfig(region_h=2, region_w=2, n_context_tokens=2, top_k=3)
+    ids, start = eager.ids(), eager.prompt.shape[1]
+    with torch.no_grad():
+        outs = [GazeVLM(c.model, config)(ids, **c.image_kwargs, gaze_start=start, return_selections=True)
+                for c in (eager, sdpa)]
+        dense = GazeVLM(eager.model, config)(ids, **eager.image_kwargs).logits
+    assert (outs[0].logits - dense).abs().max() > 1e-6
+    torch.testing.assert_close(outs[1].logits, outs[0].logits, atol=1e-5, rtol=0)
+    for layer in outs[0].selections:
+        assert torch.equal(outs[0].selections[layer].selected, outs[1].selections[layer].selected)
