@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import shlex
@@ -34,11 +36,8 @@ SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 # Bumped when this file changes how a build is made, so old cache entries are not reused.
 BUILDER_VERSION = 1
-# Always on: llama.cpp's own test binaries are configured in the same build folder, so they
-# can be built later from the very objects the wheel was linked from (only on demand).
-BASE_CMAKE_ARGS = ["-DLLAMA_BUILD_TESTS=ON"]
-# The wheel needs only these (and what they link); tests and tools build on demand.
-WHEEL_TARGETS = ["llama", "mtmd"]
+# Built on demand, later, in the wheel's build folder, so they reuse the very objects the wheel
+# was linked from.
 TEST_TARGETS = ["test-backend-ops", "llama-mtmd-cli"]
 MARKER = ".gaze_edge_build.json"
 
@@ -82,13 +81,13 @@ class BuildSpec:
     cmake_args: tuple[str, ...]
 
     @classmethod
-    def from_env(cls, patches_dir: Path | None = None) -> "BuildSpec":
+    def from_env(cls, patches_dir: Path | None = None) -> BuildSpec:
         patches_dir = patches_dir or default_patches_dir()
         if not patches_dir.is_dir():
             raise BuildError(f"patches folder not found: {patches_dir}")
         patches = tuple(sorted(patches_dir.glob("*.patch")))
         user_args = shlex.split(os.environ.get("CMAKE_ARGS", ""))
-        return cls(patches=patches, cmake_args=tuple(BASE_CMAKE_ARGS + user_args))
+        return cls(patches=patches, cmake_args=tuple(user_args))
 
     @property
     def key(self) -> str:
@@ -191,8 +190,7 @@ def build_wheel(spec: BuildSpec) -> Path:
     try:
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                "-w", str(tmp), str(src),
-               f"--config-settings=build-dir={spec.entry() / 'build'}",
-               f"--config-settings=build.targets={';'.join(WHEEL_TARGETS)}"]
+               f"--config-settings=build-dir={spec.entry() / 'build'}"]
         _log(f"building the patched runtime {spec.key} (a few minutes; CMAKE_ARGS={env['CMAKE_ARGS']})")
         _run(cmd, "building the llama-cpp-python wheel", env=env)
         built = sorted(tmp.glob("llama_cpp_python-*.whl"))
@@ -207,8 +205,6 @@ def build_wheel(spec: BuildSpec) -> Path:
 def installed_key() -> str | None:
     """Key of the runtime installed in this environment, or None."""
     try:
-        import importlib.util
-
         found = importlib.util.find_spec("llama_cpp")
     except (ImportError, ValueError):
         return None
@@ -227,13 +223,13 @@ def install(spec: BuildSpec) -> Path:
         _log(f"patched runtime {spec.key} already installed")
         return spec.entry()
     wheel = build_wheel(spec)
+    # --force-reinstall --no-deps replaces a stock llama-cpp-python; its own small requirements
+    # (numpy, diskcache, jinja2, typing-extensions) come in the second call.
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "-q",
           str(wheel)], "installing the patched runtime")
-    import importlib
-
+    _run([sys.executable, "-m", "pip", "install", "-q", str(wheel)],
+         "installing the patched runtime's requirements")
     importlib.invalidate_caches()
-    import importlib.util
-
     pkg = Path(list(importlib.util.find_spec("llama_cpp").submodule_search_locations)[0])
     (pkg / MARKER).write_text(json.dumps({"key": spec.key, "patches": [p.name for p in spec.patches],
                                           "cmake_args": list(spec.cmake_args)}))
@@ -248,8 +244,16 @@ def build_tests(spec: BuildSpec, targets: list[str] | None = None) -> Path:
     """
     build_wheel(spec)
     build = spec.entry() / "build"
-    _run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target",
-          *(targets or TEST_TARGETS)], "building llama.cpp test binaries")
+    # Tests carry install rules that the wheel's install step would trip over (it installs all
+    # of them, built or not), so they are configured in only for this step.
+    _run(["cmake", "-B", str(build), "-DLLAMA_BUILD_TESTS=ON"], "configuring llama.cpp tests",
+         stdout=subprocess.DEVNULL)
+    try:
+        _run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target",
+              *(targets or TEST_TARGETS)], "building llama.cpp test binaries")
+    finally:
+        _run(["cmake", "-B", str(build), "-DLLAMA_BUILD_TESTS=OFF"], "configuring llama.cpp",
+             stdout=subprocess.DEVNULL)
     return build / "bin"
 
 
