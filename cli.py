@@ -1,20 +1,79 @@
-"""The ``gaze-edge`` command: a thin Click layer over the library (installed as gaze_edge.cli)."""
+"""The ``gaze-edge`` command: a thin Click layer over the library (installed as gaze_edge.cli).
+
+Every command calls one library function of the same name; whatever the CLI does, Python code can
+do with one import. Exit codes: 0 success, 1 an error in the input (model, image, files), 2 bad
+flags (Click's usage errors), 3 the patched runtime is missing. Errors print as one line; pass
+``--verbose`` (before the command) for the traceback.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
 import sys
+import traceback
 
 import click
 
+EXIT_INPUT = 1
+EXIT_RUNTIME_MISSING = 3
 
-class UserError(click.ClickException):
-    """An error the user can fix; printed as one line, exit code 1."""
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Exception classes that mean "the input is wrong", from the parts already imported."""
+    errors: list[type[BaseException]] = [FileNotFoundError, IsADirectoryError, PermissionError]
+    mods = sys.modules
+    if "gaze_edge.convert.errors" in mods:
+        errors.append(mods["gaze_edge.convert.errors"].ConvertError)
+    if "gaze_edge.checkpoint" in mods:
+        errors.append(mods["gaze_edge.checkpoint"].GazeCheckpointError)
+    for name in ("gaze_edge.errors",):
+        if name in mods:
+            errors.append(mods[name].GazeEdgeError)
+    return tuple(errors)
+
+
+def handle_errors(func):
+    """One clear line and a non-zero exit for known errors; the traceback only with --verbose."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        verbose = bool(ctx.find_root().params.get("verbose"))
+        try:
+            return func(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("gaze-edge: interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - every error becomes one line
+            if verbose:
+                traceback.print_exc()
+            code = EXIT_INPUT
+            if type(e).__name__ == "RuntimeMissing":
+                code = EXIT_RUNTIME_MISSING
+            elif not isinstance(e, _known_errors()) and not verbose:
+                # An unexpected failure: still one line, but say it is ours.
+                e = RuntimeError(f"internal error ({type(e).__name__}): {e}; rerun with --verbose")
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            click.echo(f"gaze-edge: error: {message}", err=True)
+            sys.exit(code)
+
+    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gaze-edge")
-def main() -> None:
-    """Gaze Attention for multimodal LLMs on a patched llama.cpp."""
+@click.option("--verbose", is_flag=True, help="Show tracebacks and llama.cpp's log.")
+def main(verbose: bool) -> None:
+    """Gaze Attention for multimodal LLMs on a patched llama.cpp.
+
+    Exit codes: 0 ok, 1 bad input (model, image, files), 2 bad flags, 3 patched runtime missing.
+    """
+
+
+# --------------------------------------------------------------------------- runtime
 
 
 @main.group()
@@ -24,10 +83,118 @@ def runtime() -> None:
 
 @runtime.command("build")
 def runtime_build() -> None:
-    """Build (once, cached) and install the patched llama-cpp-python into this environment."""
+    """Build (once, cached) and install the patched llama-cpp-python into this environment.
+
+    CMAKE_ARGS passes through, e.g. CMAKE_ARGS="-DGGML_CUDA=on" for NVIDIA GPUs.
+    """
     from gaze_edge.runtime import build
 
     sys.exit(build.main(["install"]))
+
+
+# --------------------------------------------------------------------------- convert
+
+
+@main.command()
+@click.argument("src")
+@click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False),
+              help="Folder for <name>-<outtype>.gguf and mmproj-<name>-<outtype>.gguf.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "q8_0", "q4_k_m"]), default="f16",
+              show_default=True, help="Weight type of the language model.")
+@click.option("--name", help="Base name of the output files (default: from SRC).")
+@handle_errors
+def convert(src: str, outdir: str, outtype: str, name: str | None) -> None:
+    """Convert an HF checkpoint (local folder or hub repo id; dense or gaze) to a GGUF pair.
+
+    Supported: LLaVA-1.5 style (CLIP + MLP projector + Llama/Qwen2) and Qwen2-VL / Qwen2.5-VL.
+    """
+    from gaze_edge.convert import convert as convert_model
+
+    llm, mmproj = convert_model(src, outdir, outtype=outtype, name=name)
+    click.echo(llm)
+    click.echo(mmproj)
+
+
+@main.command("make-gaze")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--region", default="2x2", show_default=True, help="Region size HxW in grid tokens.")
+@click.option("--context-tokens", default=1, show_default=True, type=click.IntRange(0, 64))
+@click.option("--keep-ratio", default=0.25, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="> 0 overrides --keep-ratio.")
+@handle_errors
+def make_gaze(src: str, dst: str, region: str, context_tokens: int, keep_ratio: float, top_k: int) -> None:
+    """Turn a dense HF checkpoint into a gaze checkpoint ("training-free" gaze).
+
+    Context tokens start as the mean image embedding; fine-tune for best results.
+    """
+    from gaze_edge.checkpoint import dense_to_gaze
+    from gaze_edge.config import GazeConfig
+
+    rh, rw = _parse_region(region)
+    cfg = GazeConfig(region_h=rh, region_w=rw, n_context_tokens=context_tokens, top_k=top_k,
+                     keep_ratio=keep_ratio)
+    dense_to_gaze(src, dst, cfg)
+    click.echo(dst)
+
+
+def _parse_region(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+        if h < 1 or w < 1:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"expected HxW with positive integers, got {text!r}",
+                                 param_hint="--region") from None
+    return h, w
+
+
+# --------------------------------------------------------------------------- train / eval
+
+
+@main.command()
+@click.option("--preset", default="default", show_default=True, help="smoke, default or dense.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (model in OUT/model).")
+@click.option("--steps", type=click.IntRange(1), help="Override the preset's step count.")
+@click.option("--seed", type=int, help="Override the preset's seed.")
+@click.option("--device", help="cpu or cuda (default: cuda when available).")
+@click.option("--threads", type=click.IntRange(1), help="torch CPU threads.")
+@click.option("--fresh", is_flag=True, help="Start over instead of resuming an unfinished run.")
+@handle_errors
+def train(preset: str, out: str, steps: int | None, seed: int | None, device: str | None,
+          threads: int | None, fresh: bool) -> None:
+    """Train a tiny VLM on GazeScenes (dense or with gaze), resumable, with a progress bar."""
+    from gaze_edge.train import preset as make_preset
+    from gaze_edge.train import train as run_training
+
+    changes = {k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}
+    folder = run_training(make_preset(preset, **changes), out, resume=not fresh, device=device,
+                          threads=threads)
+    click.echo(f"model saved in {folder}")
+
+
+@main.command("eval")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--keep-ratio", "keep_ratios", multiple=True, default=("dense", "0.25"), show_default=True,
+              help="'dense' or a ratio; repeatable.")
+@click.option("--scenes", default=500, show_default=True, type=click.IntRange(1))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows.")
+@handle_errors
+def evaluate(path: str, keep_ratios: tuple[str, ...], scenes: int, split: str, as_json: bool) -> None:
+    """Object-level accuracy on GazeScenes of a PyTorch model folder (the reference)."""
+    from gaze_edge.train import evaluate as run_eval
+
+    rows = []
+    for text in keep_ratios:
+        ratio = None if text == "dense" else float(text)
+        result = run_eval(path, keep_ratio=ratio, n_scenes=scenes, split=split)
+        rows.append({"keep_ratio": text, "object_accuracy": result.object_accuracy})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            click.echo(f"{r['keep_ratio']:>8}  object accuracy {100 * r['object_accuracy']:.1f}%")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ keyed by what went into it (sdist, patches, build flags), so an unchanged tree n
 changed patch always does::
 
     <cache>/runtime/<key>/src/      the unpacked, patched sdist (convert_hf_to_gguf.py, gguf-py, tests)
-    <cache>/runtime/<key>/build/    the CMake build folder (also builds test-backend-ops & co.)
+    <cache>/runtime/<key>/build/    the wheel's CMake build folder
+    <cache>/runtime/<key>/build-tests/  test-backend-ops, llama-mtmd-cli & co. (on demand)
     <cache>/runtime/<key>/wheel/    the built llama_cpp_python wheel
 
 Only the standard library is used here: this runs before llama-cpp-python exists.
@@ -36,8 +37,7 @@ SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 # Bumped when this file changes how a build is made, so old cache entries are not reused.
 BUILDER_VERSION = 1
-# Built on demand, later, in the wheel's build folder, so they reuse the very objects the wheel
-# was linked from.
+# llama.cpp's own binaries, built on demand from the same patched tree.
 TEST_TARGETS = ["test-backend-ops", "llama-mtmd-cli"]
 MARKER = ".gaze_edge_build.json"
 
@@ -237,23 +237,30 @@ def install(spec: BuildSpec) -> Path:
     return spec.entry()
 
 
+# llama.cpp's own CMake options for the standalone test build (tests and tools on, the rest off).
+TEST_CMAKE_ARGS = [
+    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=ON",
+    "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+]
+
+
 def build_tests(spec: BuildSpec, targets: list[str] | None = None) -> Path:
     """llama.cpp's own binaries (test-backend-ops, llama-mtmd-cli, ...) from the same patched tree.
 
-    Reuses the wheel's build folder, so only the test sources compile. Returns the bin folder.
+    A standalone CMake build of the patched vendor/llama.cpp in ``<entry>/build-tests`` (the
+    wheel's build folder cannot host them: llama-cpp-python adds tools/mtmd itself, and tests carry
+    install rules). Only the named targets build; the folder is kept, so later calls are
+    incremental. Returns the bin folder.
     """
-    build_wheel(spec)
-    build = spec.entry() / "build"
-    # Tests carry install rules that the wheel's install step would trip over (it installs all
-    # of them, built or not), so they are configured in only for this step.
-    _run(["cmake", "-B", str(build), "-DLLAMA_BUILD_TESTS=ON"], "configuring llama.cpp tests",
-         stdout=subprocess.DEVNULL)
-    try:
-        _run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target",
-              *(targets or TEST_TARGETS)], "building llama.cpp test binaries")
-    finally:
-        _run(["cmake", "-B", str(build), "-DLLAMA_BUILD_TESTS=OFF"], "configuring llama.cpp",
-             stdout=subprocess.DEVNULL)
+    llama_dir = source_dir(spec)
+    build = spec.entry() / "build-tests"
+    if not (build / "build.ninja").exists():
+        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+        _run(["cmake", "-S", str(llama_dir), "-B", str(build), *generator, *TEST_CMAKE_ARGS,
+              *spec.cmake_args], "configuring llama.cpp tests", stdout=subprocess.DEVNULL)
+    _run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target",
+          *(targets or TEST_TARGETS)], "building llama.cpp test binaries")
     return build / "bin"
 
 
