@@ -65,7 +65,7 @@ def _seeded(seed: int, build):
     return model.eval()
 
 
-def _llava(outdir: Path, text: str, seed: int, image_size: int, vision_feature_layer: int):
+def _llava(outdir: Path, text: str, seed: int, image_size: int, vision_feature_layer: int, width: int):
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
@@ -83,7 +83,7 @@ def _llava(outdir: Path, text: str, seed: int, image_size: int, vision_feature_l
                               num_attention_heads=4, image_size=image_size, patch_size=patch,
                               projection_dim=64)
     text_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[text]
-    text_cfg = text_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    text_cfg = text_cls(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -102,15 +102,17 @@ def _llava(outdir: Path, text: str, seed: int, image_size: int, vision_feature_l
     return model, processor
 
 
-def _qwen_vl(outdir: Path, version: str, seed: int):
+def _qwen_vl(outdir: Path, version: str, seed: int, width: int):
     from transformers import Qwen2VLImageProcessorPil
 
     tok = _tokenizer(QWEN_SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                      extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    half = width // 8  # head_dim / 2 rotary pairs, split over (t, h, w) like Qwen2-VL's [16, 24, 24]
+    mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    text = dict(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
                 bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                 tie_word_embeddings=False)
     token_ids = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -119,7 +121,7 @@ def _qwen_vl(outdir: Path, version: str, seed: int):
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
         # depth >= 3: llama.cpp maps visual.merger.mlp.{0,2} through its per-block table
-        vision = dict(depth=3, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+        vision = dict(depth=3, embed_dim=32, hidden_size=width, num_heads=4, mlp_ratio=2, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
         config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
         model = _seeded(seed, lambda: Qwen2VLForConditionalGeneration(config))
@@ -127,7 +129,7 @@ def _qwen_vl(outdir: Path, version: str, seed: int):
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
         # windows of 112 px (what mtmd hard-codes): a QWEN25_IMAGE_SIZE image spans 2 x 2 windows
-        vision = dict(depth=4, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4,
+        vision = dict(depth=4, hidden_size=32, out_hidden_size=width, intermediate_size=64, num_heads=4,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                       window_size=112, fullatt_block_indexes=[1, 3], hidden_act="silu")
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
@@ -142,10 +144,13 @@ def _qwen_vl(outdir: Path, version: str, seed: int):
 
 def tiny_checkpoint(family: str, outdir: str | Path, *, text: str = "llama", seed: int = 0,
                     gaze: GazeConfig | None = None, image_size: int = LLAVA_IMAGE_SIZE,
-                    vision_feature_layer: int = -2) -> Path:
+                    vision_feature_layer: int = -2, width: int = 64) -> Path:
     """Save a tiny random checkpoint of ``family`` (one of FAMILIES) into ``outdir``.
 
     text: the LLaVA language model, "llama" or "qwen2" (ignored for the Qwen VL families).
+    width: the language model's hidden size (4 heads, 2 KV heads, FFN 2 x width); a multiple of
+      256 lets every matrix take q4_K blocks when quantized.
+    image_size, vision_feature_layer: LLaVA's CLIP input size and feature layer.
     gaze: when given, make it a gaze checkpoint: config.json gets a ``gaze`` object and
       gaze.safetensors holds ``context_tokens`` [n_context_tokens, n_embd_text] (random).
     Returns outdir.
@@ -153,9 +158,9 @@ def tiny_checkpoint(family: str, outdir: str | Path, *, text: str = "llama", see
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     if family == "llava":
-        model, processor = _llava(outdir, text, seed, image_size, vision_feature_layer)
+        model, processor = _llava(outdir, text, seed, image_size, vision_feature_layer, width)
     elif family in ("qwen2vl", "qwen2.5vl"):
-        model, processor = _qwen_vl(outdir, family, seed)
+        model, processor = _qwen_vl(outdir, family, seed, width)
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     model.save_pretrained(outdir)
