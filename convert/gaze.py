@@ -2,7 +2,8 @@
 
 A gaze checkpoint is an HF checkpoint whose config.json has a ``gaze`` object (GazeConfig's
 fields) and whose gaze.safetensors holds ``context_tokens`` [n_context_tokens, n_embd_text]
-(docs/FORMAT.md). A checkpoint without them is dense and converts with no gaze keys.
+(docs/FORMAT.md, gaze_edge/checkpoint.py). A checkpoint without them is dense and converts with
+no gaze keys.
 
 Where each item goes (names from gaze_edge/gguf_names.py, GAZE_SPEC.md "Hyper-parameters"):
 - language-model GGUF: ``{arch}.attention.gaze.top_k`` (u32), ``.keep_ratio`` (f32),
@@ -22,9 +23,6 @@ import numpy as np
 from gaze_edge import gguf_names
 from gaze_edge.config import GazeConfig
 from gaze_edge.convert.errors import ConvertError
-from gaze_edge.convert.source import GAZE_WEIGHTS
-
-CONTEXT_TOKENS = "context_tokens"  # tensor name inside gaze.safetensors
 
 
 @dataclass(frozen=True)
@@ -49,36 +47,21 @@ class GazeParts:
     context_tokens: np.ndarray  # [n_context_tokens, n_embd_text] float32
 
 
-def read_gaze(folder: Path, config: dict[str, Any], n_embd_text: int) -> GazeParts | None:
-    """The checkpoint's gaze parts, or None for a dense checkpoint; mismatches are ConvertErrors."""
-    weights = folder / GAZE_WEIGHTS
-    if "gaze" not in config:
-        if weights.is_file():
-            raise ConvertError(f"{GAZE_WEIGHTS} is present but config.json has no 'gaze' settings")
+def read_gaze(folder: Path, config: dict[str, Any]) -> GazeParts | None:
+    """The checkpoint's gaze parts (read by gaze_edge.checkpoint, the format's one reader), or
+    None for a dense checkpoint; any mismatch is a ConvertError."""
+    from gaze_edge import checkpoint
+
+    if checkpoint.CONFIG_KEY not in config:
+        if (folder / checkpoint.WEIGHTS_FILE).is_file():
+            raise ConvertError(f"{folder / checkpoint.WEIGHTS_FILE} is present but config.json has no "
+                               f"'{checkpoint.CONFIG_KEY}' settings")
         return None
     try:
-        gaze = GazeConfig.from_dict(config["gaze"])
-    except (TypeError, ValueError) as err:
-        raise ConvertError(f"invalid gaze settings in config.json: {err}") from err
-    if not weights.is_file():
-        raise ConvertError(f"missing {GAZE_WEIGHTS} (the context tokens) for the gaze settings in config.json")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(weights), framework="numpy") as f:
-            if CONTEXT_TOKENS not in f.keys():
-                raise ConvertError(f"{weights} has no '{CONTEXT_TOKENS}' tensor")
-            ctx = f.get_tensor(CONTEXT_TOKENS)
-    except ConvertError:
-        raise
-    except Exception as err:
-        raise ConvertError(f"corrupt safetensors file {weights}: {err}") from err
-    want = (gaze.n_context_tokens, n_embd_text)
-    if ctx.ndim != 2 or tuple(ctx.shape) != want:
-        raise ConvertError(
-            f"gaze context tokens have shape {list(ctx.shape)} but the gaze settings and the language "
-            f"model need [n_context_tokens={want[0]}, n_embd={want[1]}]")
-    return GazeParts(gaze, np.ascontiguousarray(ctx, dtype=np.float32))
+        gaze, ctx = checkpoint.load_gaze(folder)
+    except checkpoint.GazeCheckpointError as err:
+        raise ConvertError(str(err)) from err
+    return GazeParts(gaze, np.ascontiguousarray(ctx.numpy(), dtype=np.float32))
 
 
 def llm_keys(parts: GazeParts | None) -> list[KeyValue]:

@@ -19,7 +19,6 @@ from gaze_edge.convert.families import (
     MMPROJ_CLIP_MLP,
     MMPROJ_LLAMA_CPP,
     family_for,
-    text_config,
     text_converter,
 )
 from gaze_edge.convert.output import staged_outputs
@@ -66,8 +65,7 @@ def convert(src: str | os.PathLike, outdir: str | os.PathLike, outtype: str = "f
     family = family_for(config)
     shards = source.check_complete(folder)
     processor = source.image_processor_config(folder)
-    n_embd = int(text_config(config)["hidden_size"])
-    gaze_parts = gaze.read_gaze(folder, config, n_embd)
+    gaze_parts = gaze.read_gaze(folder, config)
     shard_paths = {folder / f: names for f, names in shards.items()}
     if family.mmproj == MMPROJ_CLIP_MLP:
         clip_mmproj.check(config, processor, shard_paths)

@@ -19,7 +19,6 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-GAZE_WEIGHTS = "gaze.safetensors"
 
 
 def looks_like_repo_id(src: str) -> bool:

@@ -11,7 +11,6 @@ its pre-tokenizer hash is unknown to llama.cpp and the converter's ``gpt-2`` map
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from gaze_edge.config import GazeConfig
@@ -174,13 +173,8 @@ def tiny_checkpoint(family: str, outdir: str | Path, *, text: str = "llama", see
 def write_gaze(outdir: str | Path, gaze: GazeConfig, n_embd: int, seed: int = 0) -> None:
     """Turn the checkpoint in outdir into a gaze checkpoint with random context tokens [C, n_embd]."""
     import torch
-    from safetensors.torch import save_file
 
-    outdir = Path(outdir)
-    cfg_path = outdir / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["gaze"] = gaze.to_dict()
-    cfg_path.write_text(json.dumps(cfg, indent=2))
+    from gaze_edge.checkpoint import write_gaze as write
+
     g = torch.Generator().manual_seed(seed + 2)
-    ctx = 0.02 * torch.randn(gaze.n_context_tokens, n_embd, generator=g)
-    save_file({"context_tokens": ctx.contiguous()}, str(outdir / "gaze.safetensors"))
+    write(outdir, gaze, 0.02 * torch.randn(gaze.n_context_tokens, n_embd, generator=g))

@@ -89,18 +89,24 @@ def test_corrupt_safetensors(ckpt, tmp_path, damage):
     fails(ckpt, tmp_path / "out", "corrupt safetensors file .*model.safetensors")
 
 
+def _gaze_files(ckpt: Path, gaze: GazeConfig, context_tokens: torch.Tensor) -> None:
+    """Write the gaze parts as they are, even when they do not fit (checkpoint.write_gaze refuses)."""
+    from safetensors.torch import save_file
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["gaze"] = gaze.to_dict()
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    save_file({"context_tokens": context_tokens}, str(ckpt / "gaze.safetensors"))
+
+
 def test_gaze_context_tokens_of_the_wrong_width(ckpt, tmp_path):
     n_embd = json.loads((ckpt / "config.json").read_text())["text_config"]["hidden_size"]
-    write_gaze(ckpt, GazeConfig(n_context_tokens=3), n_embd=n_embd + 8)
-    fails(ckpt, tmp_path / "out", rf"context tokens have shape \[3, {n_embd + 8}\].*n_embd={n_embd}")
+    _gaze_files(ckpt, GazeConfig(n_context_tokens=3), torch.zeros(3, n_embd + 8))
+    fails(ckpt, tmp_path / "out", rf"context_tokens have shape \[3, {n_embd + 8}\].*hidden_size={n_embd}")
 
 
 def test_gaze_context_tokens_of_the_wrong_count(ckpt, tmp_path):
-    n_embd = json.loads((ckpt / "config.json").read_text())["text_config"]["hidden_size"]
-    write_gaze(ckpt, GazeConfig(n_context_tokens=3), n_embd=n_embd)
-    cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["gaze"]["n_context_tokens"] = 5
-    (ckpt / "config.json").write_text(json.dumps(cfg))
+    _gaze_files(ckpt, GazeConfig(n_context_tokens=5), torch.zeros(3, 64))
     fails(ckpt, tmp_path / "out", r"shape \[3, 64\].*n_context_tokens=5")
 
 
@@ -108,7 +114,21 @@ def test_gaze_settings_without_context_tokens(ckpt, tmp_path):
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["gaze"] = GazeConfig().to_dict()
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    fails(ckpt, tmp_path / "out", "missing gaze.safetensors")
+    fails(ckpt, tmp_path / "out", "gaze.safetensors not found")
+
+
+def test_context_tokens_without_gaze_settings(ckpt, tmp_path):
+    write_gaze(ckpt, GazeConfig(n_context_tokens=2), n_embd=64)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    del cfg["gaze"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    fails(ckpt, tmp_path / "out", "gaze.safetensors is present but config.json has no 'gaze' settings")
+
+
+def test_corrupt_gaze_safetensors(ckpt, tmp_path):
+    write_gaze(ckpt, GazeConfig(n_context_tokens=2), n_embd=64)
+    (ckpt / "gaze.safetensors").write_bytes(b"\x00" * 12)
+    fails(ckpt, tmp_path / "out", "gaze.safetensors is not a readable safetensors file")
 
 
 def test_invalid_gaze_settings(ckpt, tmp_path):
