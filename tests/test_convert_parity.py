@@ -179,7 +179,7 @@ def test_loads_in_llama_mtmd_cli(root):
     """llama.cpp's own client (built from the same patched tree) loads and runs a converted pair."""
     from gaze_edge.runtime import build
 
-    cli = build.BuildSpec.from_env().entry() / "build" / "bin" / "llama-mtmd-cli"
+    cli = build.BuildSpec.from_env().entry() / "build-tests" / "bin" / "llama-mtmd-cli"  # build_tests()
     if not cli.exists():
         pytest.skip("llama-mtmd-cli is not built: run `make test-binaries`")
     from PIL import Image
