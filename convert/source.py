@@ -70,13 +70,23 @@ def resolve_source(src: str | os.PathLike) -> Path:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
+    """config.json with transformers' defaults filled in (old checkpoints omit keys such as a
+    Llama text model's hidden_size); the raw file when transformers cannot parse it, so that an
+    unknown architecture still gets the converter's own message."""
     path = folder / "config.json"
     if not path.is_file():
         raise ConvertError(f"missing config.json in {folder}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ConvertError(f"cannot read {path}: {err}") from err
+    try:
+        from transformers import AutoConfig
+
+        full = AutoConfig.from_pretrained(folder, trust_remote_code=False).to_dict()
+    except Exception:  # unknown model_type, remote code, ...: family_for() explains
+        return raw
+    return {**full, "architectures": raw.get("architectures") or full.get("architectures")}
 
 
 def weight_files(folder: Path) -> list[Path]:
