@@ -82,6 +82,8 @@ def main(argv: list[str]) -> int:
     llama_dir = Path(job["llama_cpp_dir"])
     sys.path[:0] = [str(llama_dir / "gguf-py"), str(llama_dir)]
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # transformers 5 writes rope_type "default" (no scaling), which this converter does not name
+    logging.getLogger("hf-to-gguf").addFilter(lambda r: r.getMessage() != "Unknown RoPE type: default")
     result: dict = {"ok": True, "archs": []}
     code = 0
     for i, part in enumerate(job["parts"]):
