@@ -1,0 +1,80 @@
+"""``python -m gaze_edge.train``: train, evaluate and compare GazeScenes models.
+
+    python -m gaze_edge.train train --preset default --out runs/default
+    python -m gaze_edge.train eval runs/default --keep-ratio dense --keep-ratio 0.25
+    python -m gaze_edge.train compare gaze=runs/default dense=runs/dense --json table.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _ratio(text: str) -> float | None:
+    return None if text == "dense" else float(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gaze_edge.train", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (resumes an unfinished run in --out)")
+    t.add_argument("--preset", default="default", help="smoke, default or dense")
+    t.add_argument("--out", required=True, help="run folder (the model lands in OUT/model)")
+    t.add_argument("--steps", type=int, help="override the preset's step count")
+    t.add_argument("--seed", type=int, help="override the preset's seed")
+    t.add_argument("--gaze-from-step", type=int, help="dense steps before gaze training starts")
+    t.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+    t.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("eval", help="object accuracy of a run or model folder")
+    e.add_argument("path")
+    e.add_argument("--keep-ratio", action="append", type=_ratio, help="'dense' or a ratio; repeatable")
+    e.add_argument("--scenes", type=int, default=500)
+    e.add_argument("--split", default="test")
+    e.add_argument("--device")
+
+    c = sub.add_parser("compare", help="the dense/gaze comparison table")
+    c.add_argument("models", nargs="+", help="NAME=PATH (run or model folders)")
+    c.add_argument("--keep-ratio", action="append", type=_ratio)
+    c.add_argument("--scenes", type=int, default=500)
+    c.add_argument("--split", default="test")
+    c.add_argument("--device")
+    c.add_argument("--json", help="write the rows here")
+
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        from gaze_edge.train import preset, train
+
+        changes = {k: v for k, v in (("steps", args.steps), ("seed", args.seed),
+                                      ("gaze_from_step", args.gaze_from_step)) if v is not None}  # fmt: skip
+        folder = train(
+            preset(args.preset, **changes), args.out, resume=not args.fresh, progress=not args.no_progress,
+            device=args.device, threads=args.threads, on_log=lambda r: print(json.dumps(r), flush=True),
+        )  # fmt: skip
+        print(f"model saved in {folder}")
+    elif args.command == "eval":
+        from gaze_edge.train.compare import compare
+
+        for row in compare({args.path: args.path}, args.keep_ratio or [None], n_scenes=args.scenes,
+                           split=args.split, device=args.device):  # fmt: skip
+            print(json.dumps(row), flush=True)
+    else:
+        from gaze_edge.train.compare import compare, markdown_table
+
+        models = dict(m.split("=", 1) for m in args.models)
+        rows = compare(models, args.keep_ratio or [None, 0.5, 0.25, 0.1], n_scenes=args.scenes,
+                       split=args.split, device=args.device, on_row=lambda r: print(json.dumps(r), flush=True))  # fmt: skip
+        print(markdown_table(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

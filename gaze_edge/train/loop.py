@@ -1,0 +1,211 @@
+"""The training loop: fixed seed, bf16 autocast, tqdm progress, resumable checkpoints.
+
+Files in ``out_dir``:
+- ``train_config.json``: the TrainConfig (a resumed run must use the same one);
+- ``state.pt``: the trained network (model and context tokens), optimiser, step and elapsed
+  time (written every ``checkpoint_every`` steps and at the end, atomically; the final one
+  drops the optimiser, and training again from it only re-saves the model folder);
+- ``log.jsonl``: one line per ``log_every`` steps (loss, lr, seconds) and per evaluation;
+- ``model/``: the final model, loadable with transformers (plus the gaze checkpoint files).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gaze_edge.train.config import TrainConfig
+from gaze_edge.train.data import Encoder, train_batch
+from gaze_edge.train.forward import answer_loss, trainee
+from gaze_edge.train.model import build_model
+from gaze_edge.train.tokenizer import train_tokenizer
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "train_config.json"
+LOG_FILE = "log.jsonl"
+MODEL_DIR = "model"
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def describe_device(dev: torch.device) -> str:
+    """Where training ran, for the record: "cuda NVIDIA H200, torch 2.11.0" or "cpu 2 threads, torch ..."."""
+    import transformers
+
+    where = f"cuda {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else f"{dev.type} {torch.get_num_threads()} threads"
+    return f"{where}, torch {torch.__version__}, transformers {transformers.__version__}"
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warmup to config.lr, then cosine down to lr * min_lr_ratio at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps - 1)
+    t = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.min_lr_ratio
+    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _optimizer(net, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and the context tokens."""
+    decay, no_decay = [], []
+    for name, p in net.named_parameters():
+        (decay if p.dim() >= 2 and name != "context_tokens" else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-8)
+
+
+def _check_config(out: Path, config: TrainConfig, resume: bool) -> None:
+    path = out / CONFIG_FILE
+    if resume and path.exists():
+        saved = TrainConfig.from_dict(json.loads(path.read_text()))
+        if saved != config:
+            raise ValueError(f"{out} holds a run with other settings; use another folder or resume=False")
+    path.write_text(config.to_json())
+
+
+def _save_state(out: Path, state: dict) -> None:
+    tmp = out / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out / STATE_FILE)
+
+
+def _log(out: Path, record: dict) -> None:
+    with open(out / LOG_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    device: str | None = None,
+    threads: int | None = None,
+    stop_after: int | None = None,
+    on_log: Callable[[dict], None] | None = None,
+) -> Path:
+    """Train a tiny LLaVA on GazeScenes; returns the folder of the saved model (``out_dir/model``).
+
+    resume: continue from ``out_dir/state.pt`` when it exists (same config required).
+    stop_after: stop (with a checkpoint) once this step count is reached, without saving the final
+      model; for tests of resuming and for splitting a long run.
+    threads: torch CPU threads (default: torch's choice).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(out, config, resume)
+    if threads:
+        torch.set_num_threads(threads)
+    dev = pick_device(device)
+
+    tokenizer = train_tokenizer(config.model.vocab_size, config.tokenizer_scenes)
+    model = build_model(config.model, tokenizer, seed=config.seed)
+    net = trainee(model, config).to(dev)
+    optimizer = _optimizer(net, config)
+    encoder = Encoder(tokenizer, config.model.n_visual_tokens)
+
+    step, elapsed, trained_on = 0, 0.0, []
+    state_path = out / STATE_FILE
+    if resume and state_path.exists():
+        state = torch.load(state_path, map_location=dev, weights_only=True)
+        net.load_state_dict(state["net"])
+        if state["optimizer"] is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed_s"]
+        trained_on = list(state.get("trained_on", []))
+    elif (out / LOG_FILE).exists():
+        (out / LOG_FILE).unlink()
+
+    def checkpoint() -> None:
+        # a finished run keeps no optimiser state: nothing is left to resume, and the file stays small
+        _save_state(
+            out,
+            {
+                "net": net.state_dict(),
+                "optimizer": optimizer.state_dict() if step < config.steps else None,
+                "step": step,
+                "elapsed_s": elapsed,
+                "trained_on": trained_on,
+            },
+        )
+
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+    if step < end and describe_device(dev) not in trained_on:
+        trained_on.append(describe_device(dev))
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    net.train()
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="train", unit="step")
+    running, n_running, t_last = 0.0, 0, time.perf_counter()
+    while step < end:
+        gaze_on = config.gaze is not None and step >= config.gaze_from_step
+        lr = learning_rate(config, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = train_batch(encoder, step, config.batch_size, config.seed, config.question_fraction).to(dev)
+        with autocast:
+            loss = answer_loss(net, batch, gaze_on)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        step += 1
+        now = time.perf_counter()
+        elapsed += now - t_last
+        t_last = now
+        running += float(loss.detach())
+        n_running += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.1e}", gaze=int(gaze_on))
+        if step % config.log_every == 0 or step == end:
+            record = {"step": step, "loss": running / n_running, "lr": lr, "elapsed_s": round(elapsed, 1)}
+            _log(out, record)
+            if on_log:
+                on_log(record)
+            running, n_running = 0.0, 0
+        if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+            _evaluate_during_training(out, net, tokenizer, config, step, on_log)
+            net.train()
+            t_last = time.perf_counter()
+        if step % config.checkpoint_every == 0 or step == end:
+            checkpoint()
+            t_last = time.perf_counter()
+    bar.close()
+    if step < config.steps:
+        return out / MODEL_DIR
+    net.eval()
+    model_dir = out / MODEL_DIR
+    from gaze_edge.train.save import save_trained
+
+    save_trained(model_dir, net, tokenizer, config, elapsed, trained_on)
+    _evaluate_during_training(out, net, tokenizer, config, step, on_log)
+    return model_dir
+
+
+def _evaluate_during_training(out, net, tokenizer, config, step, on_log) -> None:
+    """Object accuracy on config.eval_scenes val scenes, with the gaze the model is trained for."""
+    from gaze_edge.train.evaluate import evaluate_net
+
+    net.eval()
+    score = evaluate_net(net, tokenizer, split="val", n_scenes=config.eval_scenes, gaze=config.gaze)
+    record = {"step": step, "val_object_accuracy": score.object_accuracy, "val_scenes": score.n_scenes}
+    _log(out, record)
+    if on_log:
+        on_log(record)
