@@ -35,6 +35,8 @@ QWEN_PROMPT = "<|im_start|>user\n<__media__>Describe the image.<|im_end|>\n<|im_
 CASES = {
     "llava-llama": ("llava", "llama", LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE, LLAVA_PROMPT),
     "llava-qwen2": ("llava", "qwen2", LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE, LLAVA_PROMPT),
+    # vision_feature_layer -1, as gaze-edge's own model (every CLIP block, no post_layernorm)
+    "llava-llama-last-layer": ("llava", "llama", LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE, LLAVA_PROMPT),
     "qwen2vl": ("qwen2vl", "llama", QWEN_IMAGE_SIZE, QWEN_IMAGE_SIZE, QWEN_PROMPT),
     "qwen2vl-nonsquare": ("qwen2vl", "llama", QWEN_IMAGE_SIZE, QWEN_IMAGE_SIZE + 56, QWEN_PROMPT),
     "qwen2.5vl": ("qwen2.5vl", "llama", QWEN25_IMAGE_SIZE, QWEN25_IMAGE_SIZE, QWEN_PROMPT),
@@ -53,10 +55,10 @@ def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("convert-parity")
 
 
-def checkpoint(root: Path, family: str, text: str, width: int = 64) -> Path:
-    folder = root / f"ckpt-{family}-{text}-{width}"
+def checkpoint(root: Path, family: str, text: str, width: int = 64, feature_layer: int = -2) -> Path:
+    folder = root / f"ckpt-{family}-{text}-{width}-{feature_layer}"
     if not folder.exists():
-        tiny_checkpoint(family, folder, text=text, width=width)
+        tiny_checkpoint(family, folder, text=text, width=width, vision_feature_layer=feature_layer)
     return folder
 
 
@@ -69,7 +71,7 @@ def converted(root: Path, case: str, outtype: str = "f32", width: int = 64) -> t
     key = (root, case, outtype, width)
     if key not in _CONVERTED:
         family, text, *_ = CASES[case]
-        ckpt = checkpoint(root, family, text, width)
+        ckpt = checkpoint(root, family, text, width, -1 if case.endswith("last-layer") else -2)
         out = root / f"out-{case}-{outtype}-{width}"
         _CONVERTED[key] = (ckpt, *convert(ckpt, out, outtype=outtype, progress=False))
     return _CONVERTED[key]
