@@ -1,8 +1,9 @@
 """Gaze pictures: where the model looked, per generated token, drawn from a real trace.
 
-For each generated token the runtime's trace says which regions every (layer, KV head) selected.
-A panel shows the image with each region shaded by the fraction of (layer, KV head) pairs that
-selected it (0 = never, 1 = all), outlined when any did, and the token as its caption. Panels go
+For each generated token the runtime's trace says which regions every (layer, KV head) selected
+when choosing it. A panel shows the image lit region by region by the fraction of (layer, KV
+head) pairs that selected it (dark = never, full brightness = all), outlines the regions most of
+them selected, and captions the token. Panels go
 into one PNG grid, or one frame each into an animated GIF.
 
 Regions map to pixels by stretching the token grid over the whole picture, which is exact for
@@ -76,21 +77,27 @@ def _font(size: int = 13):
 
 
 def draw_panel(image: Image.Image, grid: RegionGrid, frequency: np.ndarray, caption: str) -> Image.Image:
-    """The image with each region shaded by how often it was selected, and a caption below."""
+    """The image dimmed, each region lit by how often it was selected, and a caption below.
+
+    A region selected by every (layer, KV head) shows at full brightness, one never selected stays
+    dark; regions a majority selected are outlined.
+    """
     base = image.convert("RGB")
     scale = PANEL / max(base.size)
     base = base.resize((max(1, round(base.width * scale)), max(1, round(base.height * scale))))
-    dim = Image.blend(base, Image.new("RGB", base.size, (0, 0, 0)), 0.55)
-    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(overlay)
+    dim = Image.blend(base, Image.new("RGB", base.size, (0, 0, 0)), 0.75)
     panel = dim.copy()
+    outlines = []
     for region, f in enumerate(frequency):
         if f <= 0:
             continue
         box = grid.box(region, *base.size)
-        panel.paste(base.crop(box), box[:2])  # selected regions at full brightness
-        draw.rectangle(box, fill=(*COLOR, int(150 * f)), outline=(*COLOR, 255), width=1)
-    panel = Image.alpha_composite(panel.convert("RGBA"), overlay).convert("RGB")
+        panel.paste(Image.blend(dim.crop(box), base.crop(box), float(f)), box[:2])
+        if f >= 0.5:
+            outlines.append(box)
+    draw = ImageDraw.Draw(panel)
+    for x0, y0, x1, y1 in outlines:
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=COLOR, width=2)
     out = Image.new("RGB", (panel.width, panel.height + CAPTION), (255, 255, 255))
     out.paste(panel, (0, 0))
     ImageDraw.Draw(out).text((4, panel.height + 2), caption[:32], fill=(0, 0, 0), font=_font())

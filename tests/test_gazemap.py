@@ -40,7 +40,7 @@ def test_render_highlights_the_selected_region(tmp_path, suffix):
         assert pic.size == (2 * PANEL, PANEL + 18)
         a = np.asarray(pic, dtype=float)
         picked, other, last = a[5, 5], a[100, 100], a[PANEL - 5, 2 * PANEL - 5]
-        assert picked[0] > other[0] + 40  # shaded red and bright where it looked
+        assert picked[0] > other[0] + 40  # bright and outlined where it looked
         assert last[0] > other[0] + 40  # second panel: region 48 (bottom right)
     else:
         assert n_frames == 2
