@@ -206,7 +206,9 @@ def test_loads_in_llama_mtmd_cli(root):
             [str(cli), "-m", str(llm), "--mmproj", str(mmproj), "--image", str(png), "-p", "Describe the image.",
              "-n", "4", "--temp", "0", "-t", "2", "--no-warmup", "--chat-template", "chatml",
              "--no-repack"],  # no AMX repacking: AMX kernels SIGILL on VMs without AMX (docs/CONVERT.md)
-            capture_output=True, text=True, timeout=120, env=dict(os.environ, LLAMA_LOG_COLORS="0"))
+            capture_output=True, text=True, errors="replace", timeout=120,
+            env=dict(os.environ, LLAMA_LOG_COLORS="0"))  # a random model prints raw bytes
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, log[-3000:]
-        assert "image decoded" in log or "decoding image" in log, log[-3000:]
+        assert "batch encoding done" in log, log[-3000:]  # mtmd encoded the image, then it generated
+        assert proc.stdout.strip(), log[-3000:]
