@@ -212,3 +212,31 @@ def test_loads_in_llama_mtmd_cli(root):
         assert proc.returncode == 0, log[-3000:]
         assert "batch encoding done" in log, log[-3000:]  # mtmd encoded the image, then it generated
         assert proc.stdout.strip(), log[-3000:]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_gaze_pair_loads_in_the_runtime(root, family):
+    """A gaze conversion loads (extra keys and v.gaze.ctx_tok do not upset llama.cpp or mtmd) and
+    its image chunk is the grid, then (once the runtime appends them) the context tokens as stored."""
+    from gaze_edge.config import GazeConfig
+    from gaze_edge.convert.verify import IMAGE, Runtime, quiet
+
+    gaze = GazeConfig(region_h=2, region_w=2, n_context_tokens=3, top_k=2)
+    ckpt = tiny_checkpoint(family, root / f"gaze-{family}", gaze=gaze)
+    llm, mmproj = convert(ckpt, root / f"gaze-{family}-out", outtype="f32", progress=False)
+    from safetensors.numpy import load_file
+
+    context_tokens = load_file(ckpt / "gaze.safetensors")["context_tokens"]
+    size = LLAVA_IMAGE_SIZE if family == "llava" else QWEN_IMAGE_SIZE
+    prompt = LLAVA_PROMPT if family == "llava" else QWEN_PROMPT
+    with quiet(), Runtime(llm, mmproj) as rt:
+        chunks = rt.tokenize(prompt, image(size, size))
+        try:
+            (chunk,) = [item for kind, item in rt.chunk_list(chunks) if kind == IMAGE]
+            rows = rt.image_embeddings(chunk)
+        finally:
+            rt.mt.mtmd_input_chunks_free(chunks)
+    n_grid = 16
+    assert rows.shape[0] in (n_grid, n_grid + gaze.n_context_tokens)
+    if rows.shape[0] > n_grid:
+        np.testing.assert_allclose(rows[n_grid:], context_tokens, rtol=0, atol=1e-6)
