@@ -14,7 +14,13 @@ OUTTYPES = ("f32", "f16", "q8_0", "q4_k_m")
 
 
 def convert(src, outdir, outtype="f16", name=None, progress=True):
-    """See gaze_edge.convert.pipeline.convert."""
+    """Convert checkpoint ``src`` (local HF folder or Hub repo id; dense or gaze) into ``outdir``:
+    ``<name>-<outtype>.gguf`` and ``mmproj-<name>-<outtype>.gguf``; returns their paths.
+
+    outtype: one of OUTTYPES. name: file base name (default: the folder's or repo's name).
+    Raises ConvertError (a one-line message) for anything a user can fix; a failed or
+    interrupted conversion leaves no .gguf in outdir. Details: gaze_edge.convert.pipeline.convert.
+    """
     from gaze_edge.convert.pipeline import convert as _convert
 
     return _convert(src, outdir, outtype=outtype, name=name, progress=progress)
