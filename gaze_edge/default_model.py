@@ -1,0 +1,23 @@
+"""The embedded default model: a tiny gaze-trained VLM that ships inside the package.
+
+It knows GazeScenes (coloured shapes on a 3x3 grid) and nothing else; docs/TRAINING.md says how
+it was trained and how well it does. ``GazeModel.load()`` with no argument loads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gaze_edge.errors import GazeEdgeError
+
+DEFAULT_DIR = Path(__file__).resolve().parent / "models" / "default"
+
+
+def default_model_dir() -> Path:
+    """The folder holding the default GGUF pair, or a clear error when it is not there."""
+    if not any(DEFAULT_DIR.glob("*.gguf")):
+        raise GazeEdgeError(
+            f"the embedded default model is not there ({DEFAULT_DIR} has no GGUF files); "
+            "pass --model DIR with a model converted by `gaze-edge convert`"
+        )
+    return DEFAULT_DIR
