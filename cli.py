@@ -12,8 +12,10 @@ import functools
 import json
 import sys
 import traceback
+from pathlib import Path
 
 import click
+import numpy as np
 
 EXIT_INPUT = 1
 EXIT_RUNTIME_MISSING = 3
@@ -27,9 +29,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         errors.append(mods["gaze_edge.convert.errors"].ConvertError)
     if "gaze_edge.checkpoint" in mods:
         errors.append(mods["gaze_edge.checkpoint"].GazeCheckpointError)
-    for name in ("gaze_edge.errors",):
-        if name in mods:
-            errors.append(mods[name].GazeEdgeError)
+    if "gaze_edge.errors" in mods:
+        errors.append(mods["gaze_edge.errors"].GazeEdgeError)
+    if "gaze_edge.runtime.model" in mods:
+        errors.append(mods["gaze_edge.runtime.model"].ModelFilesError)
     return tuple(errors)
 
 
@@ -50,6 +53,8 @@ def handle_errors(func):
         except Exception as e:  # noqa: BLE001 - every error becomes one line
             if verbose:
                 traceback.print_exc()
+                if getattr(e, "detail", None):  # e.g. the converter child's own traceback
+                    click.echo(e.detail, err=True)
             code = EXIT_INPUT
             if type(e).__name__ == "RuntimeMissing":
                 code = EXIT_RUNTIME_MISSING
@@ -90,6 +95,142 @@ def runtime_build() -> None:
     from gaze_edge.runtime import build
 
     sys.exit(build.main(["install"]))
+
+
+# --------------------------------------------------------------------------- chat / info
+
+
+def _load_model(model_dir: str | None, threads: int | None, verbose: bool):
+    from gaze_edge.default_model import default_model_dir
+    from gaze_edge.runtime.model import GazeModel
+
+    return GazeModel.load(model_dir or default_model_dir(), n_threads=threads, verbose=verbose)
+
+
+@main.command()
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
+              help="An image to ask about; repeatable.")
+@click.option("-p", "--prompt", help="The question. Without it: an interactive chat on a terminal, "
+              "else the prompt is read from standard input.")
+@click.option("--model", "model_dir", type=click.Path(exists=True),
+              help="A folder from `gaze-edge convert` (default: the embedded default model).")
+@click.option("--dense", is_flag=True, help="Attend to every image token (gaze off).")
+@click.option("--top-k", type=click.IntRange(1), help="Regions kept per step (overrides --keep-ratio).")
+@click.option("--keep-ratio", type=click.FloatRange(0, 1, min_open=True), help="Fraction of regions kept.")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="0 = greedy.")
+@click.option("--seed", type=int, help="Sampling seed (with --temperature > 0).")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads (default: physical cores).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the answer with token counts, timings and the visual KV fraction as JSON.")
+@click.option("--gaze-map", type=click.Path(dir_okay=False),
+              help="Write where the model looked, per generated token: .png (grid) or .gif.")
+@handle_errors
+def chat(images, prompt, model_dir, dense, top_k, keep_ratio, max_tokens, temperature, seed, threads,
+         as_json, gaze_map) -> None:
+    """Ask a model about images: one answer, or an interactive chat."""
+    from gaze_edge.errors import GazeEdgeError
+    from gaze_edge.images import load_image
+
+    if dense and (top_k or keep_ratio):
+        raise click.UsageError("--dense cannot go with --top-k or --keep-ratio")
+    if gaze_map and dense:
+        raise click.UsageError("--gaze-map needs gaze: drop --dense")
+    if gaze_map and not images:
+        raise click.UsageError("--gaze-map needs an --image")
+    if gaze_map and not gaze_map.lower().endswith((".png", ".gif")):
+        raise click.UsageError("--gaze-map must end in .png or .gif")
+    pictures = [load_image(p) for p in images]  # image errors before the model loads
+    verbose = bool(click.get_current_context().find_root().params.get("verbose"))
+    model = _load_model(model_dir, threads, verbose)
+    if gaze_map and model.gaze_defaults().region_h is None:
+        raise GazeEdgeError("--gaze-map needs a gaze model (this one has no gaze regions)")
+    options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed,
+                   gaze=False if dense else None, top_k=top_k, keep_ratio=keep_ratio)
+    interactive = prompt is None and sys.stdin.isatty() and not as_json
+    if prompt is None and not interactive:
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            raise click.UsageError("no prompt: pass -p PROMPT or pipe one on standard input")
+    if interactive:
+        _interactive(model, pictures, options)
+        return
+    result = model.chat(prompt, images=pictures, trace=bool(gaze_map) or as_json, **options)
+    if gaze_map:
+        _write_gaze_map(result, pictures[0], gaze_map)
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), "model": str(model.files.model),
+                               "gaze": model.gaze_defaults().region_h is not None and not dense,
+                               "gaze_map": gaze_map}, indent=2))
+    else:
+        click.echo(result.text.strip())
+
+
+def _interactive(model, pictures, options) -> None:
+    click.echo("gaze-edge chat: empty line or Ctrl-D to quit.", err=True)
+    messages: list[dict] = []
+    while True:
+        try:
+            line = click.prompt("you", default="", show_default=False, prompt_suffix="> ")
+        except (EOFError, click.Abort):
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        first = len(messages) == 1
+        pieces = model.chat(messages, images=pictures if first else (), stream=True, **options)
+        answer = ""
+        for piece in pieces:
+            answer += piece
+            click.echo(piece, nl=False)
+        click.echo()
+        if first and pictures:  # the images belong to the first question from now on
+            messages[0] = {"role": "user", "content": [{"type": "image", "image": p} for p in pictures]
+                           + [{"type": "text", "text": line}]}
+        messages.append({"role": "assistant", "content": answer.strip()})
+
+
+def _write_gaze_map(result, picture, path: str) -> None:
+    from gaze_edge.errors import GazeEdgeError
+    from gaze_edge.gazemap import RegionGrid, render
+
+    image = next((im for im in result.images if im.region is not None), None)
+    if image is None:
+        raise GazeEdgeError("the image was not registered for gaze: no gaze map to draw")
+    grid = RegionGrid(*image.grid, *image.region)
+    steps = [(s.text, s.trace.selected) for s in result.steps if s.trace is not None]
+    # the first image's regions come first in the sequence's numbering
+    steps = [(text, np.where(sel < grid.n_regions, sel, -1)) for text, sel in steps]
+    render(picture, grid, steps, path)
+
+
+@main.command()
+@click.argument("model_dir", required=False, type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def info(model_dir: str | None, as_json: bool) -> None:
+    """Architecture, sizes, gaze settings and file checks of a model (default: the embedded one)."""
+    from dataclasses import asdict
+
+    model = _load_model(model_dir, None, False)
+    defaults = model.gaze_defaults()
+    files = {"model": str(model.files.model), "mmproj": str(model.files.mmproj) if model.files.mmproj else None}
+    sizes = {k: (round(Path(v).stat().st_size / 2**20, 2) if v else None) for k, v in files.items()}
+    data = {
+        "files": files, "size_mib": sizes, "architecture": model.arch, "name": model.meta("general.name"),
+        "n_layer": model.n_layer, "n_head": model.n_head, "n_head_kv": model.n_head_kv,
+        "n_vocab": model.n_vocab, "vision": model.has_vision,
+        "gaze": asdict(defaults) if defaults.region_h is not None else None,
+        "chat_template": model.meta("tokenizer.chat_template") is not None,
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        click.echo(f"{key:>14}: {value}")
 
 
 # --------------------------------------------------------------------------- convert
