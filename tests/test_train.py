@@ -167,6 +167,9 @@ def smoke_run(tmp_path_factory):
     split = tmp_path_factory.mktemp("split")
     train(config, split, stop_after=4, progress=False, threads=1)
     assert not (split / "model").exists()
+    # a crash after the checkpoint leaves log lines that the resumed run must not repeat
+    with open(split / LOG_FILE, "a") as f:
+        f.write(json.dumps({"step": 5, "loss": 99.0}) + "\n")
     folder = train(config, split, progress=False, threads=1)
     whole = tmp_path_factory.mktemp("whole")
     train(config, whole, progress=False, threads=1)

@@ -83,6 +83,14 @@ def _save_state(out: Path, state: dict) -> None:
     os.replace(tmp, out / STATE_FILE)
 
 
+def _truncate_log(out: Path, step: int) -> None:
+    """Drop log lines past ``step`` (written after the checkpoint a resumed run restarts from)."""
+    path = out / LOG_FILE
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
 def _log(out: Path, record: dict) -> None:
     with open(out / LOG_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -99,9 +107,11 @@ def train(
     stop_after: int | None = None,
     on_log: Callable[[dict], None] | None = None,
 ) -> Path:
-    """Train a tiny LLaVA on GazeScenes; returns the folder of the saved model (``out_dir/model``).
+    """Train a tiny LLaVA on GazeScenes; returns ``out_dir/model``, the saved model folder (written
+    once every step is done; the final evaluation on config.eval_scenes val scenes is logged).
 
-    resume: continue from ``out_dir/state.pt`` when it exists (same config required).
+    resume: continue from ``out_dir/state.pt`` when it exists (same config required); a finished
+      run is only saved and evaluated again.
     stop_after: stop (with a checkpoint) once this step count is reached, without saving the final
       model; for tests of resuming and for splitting a long run.
     threads: torch CPU threads (default: torch's choice).
@@ -130,6 +140,7 @@ def train(
             optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed_s"]
         trained_on = list(state.get("trained_on", []))
+        _truncate_log(out, step)
     elif (out / LOG_FILE).exists():
         (out / LOG_FILE).unlink()
 
