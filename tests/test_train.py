@@ -17,7 +17,13 @@ from gaze_edge.scenes import CAPTION_PROMPT, render, sample_scene, split_scenes
 from gaze_edge.train import preset, train
 from gaze_edge.train.compare import markdown_table
 from gaze_edge.train.data import IGNORE, Encoder, prompt_batch, train_batch
-from gaze_edge.train.evaluate import generate_answers, greedy_decode, inference_vlm, visual_kv_fraction
+from gaze_edge.train.evaluate import (
+    evaluate_questions,
+    generate_answers,
+    greedy_decode,
+    inference_vlm,
+    visual_kv_fraction,
+)
 from gaze_edge.train.forward import answer_loss, trainee
 from gaze_edge.train.load import load_model_folder, load_run
 from gaze_edge.train.loop import LOG_FILE, learning_rate
@@ -241,3 +247,6 @@ def test_shipped_default_model_captions_test_scenes_with_gaze():
     scenes = split_scenes("test", 40)
     texts = generate_answers(net, tokenizer, scenes, gaze=net.gaze_config)
     assert score_captions(texts, scenes).object_accuracy >= 0.85
+    answers = evaluate_questions(net, tokenizer, n_scenes=40, gaze=net.gaze_config)
+    assert set(answers) == {"all", "colour", "count", "shape", "what"}
+    assert answers["all"] >= 0.85

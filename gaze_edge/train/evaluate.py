@@ -191,3 +191,39 @@ def visual_kv_fraction(net, keep_ratio: float | None) -> float:
 def net_image_tokens(net) -> int:
     model = getattr(net, "model", net)
     return int(model.config.image_seq_length)
+
+
+def evaluate_questions(
+    net: torch.nn.Module,
+    tokenizer,
+    *,
+    split: str = "test",
+    n_scenes: int = 500,
+    gaze: GazeConfig | None = None,
+    seed: int = 0,
+    batch_size: int = 50,
+) -> dict[str, float]:
+    """Exact-match accuracy of short answers: one seeded question per scene (GazeScenes' question
+    kinds), per kind and overall. Scenes asking the same question are decoded together."""
+    import random
+
+    from gaze_edge.scenes import score_answers
+    from gaze_edge.scenes.text import question
+
+    rng = random.Random(f"questions-{split}-{seed}")
+    scenes = split_scenes(split, n_scenes)
+    examples = [question(scene, rng) for scene in scenes]
+    by_prompt: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_prompt.setdefault(ex.prompt, []).append(i)
+    answers = [""] * len(scenes)
+    for prompt, rows in by_prompt.items():
+        texts = generate_answers(net, tokenizer, [scenes[i] for i in rows], prompt=prompt, gaze=gaze,
+                                 batch_size=batch_size, max_new_tokens=8)  # fmt: skip
+        for i, text in zip(rows, texts, strict=True):
+            answers[i] = text
+    result = {"all": score_answers(answers, [ex.answer for ex in examples])}
+    for kind in sorted({ex.kind for ex in examples}):
+        idx = [i for i, ex in enumerate(examples) if ex.kind == kind]
+        result[kind] = score_answers([answers[i] for i in idx], [examples[i].answer for i in idx])
+    return result
