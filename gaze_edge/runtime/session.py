@@ -1,0 +1,375 @@
+"""``GazeSession``: one sequence evaluated token by token in the patched llama.cpp.
+
+Prompt inputs (``add_text``, ``add_tokens``, ``add_image``) are evaluated densely, however they are
+batched. ``append(token)`` evaluates a token the model generated: the session marks it as such
+(``llama_gaze_set_generated``) and gaze applies (GAZE_SPEC.md, "Generated tokens"). Images go
+through mtmd: its helper decodes the grid and the context tokens and registers the grid with the
+context, so the runtime knows every region.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gaze_edge import gguf_names
+from gaze_edge.runtime import bindings
+
+llama_cpp = bindings._llama_cpp
+mtmd_cpp = bindings._mtmd_cpp
+
+KV_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+
+SEQ = 0  # the session's one sequence
+
+
+@dataclass(frozen=True)
+class SessionImage:
+    """An image in the sequence.
+
+    id: the runtime's image id (in traces), -1 if the image was not registered (dense);
+    pos: position of the first grid token (1-D RoPE) or of the whole grid (M-RoPE);
+    grid: (height, width) in tokens; region: (height, width); n_regions: regions of the grid;
+    n_context_tokens: context tokens after the grid;
+    embeddings: (n_tokens, n_embd) what the projector gave (grid, then context tokens), if kept.
+    """
+
+    id: int
+    pos: int
+    grid: tuple[int, int]
+    region: tuple[int, int] | None
+    n_regions: int
+    n_context_tokens: int
+    embeddings: np.ndarray | None = None
+
+    def region_sizes(self) -> np.ndarray:
+        """(n_regions,) grid tokens per region, raster order (edge regions may be smaller)."""
+        (h, w), (rh, rw) = self.grid, self.region
+        rows = [min(rh, h - y) for y in range(0, h, rh)]
+        cols = [min(rw, w - x) for x in range(0, w, rw)]
+        return np.array([r * c for r in rows for c in cols], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """The regions one generated-token step selected (the reference's GazeTrace layout).
+
+    selected: (n_layers, S, k) region ids ascending, numbering all regions of the sequence
+      (image order, then raster order); S = KV heads for gqa_mean and layer_mean (layer_mean's
+      one selection repeated), query heads for per_head.
+    n_regions: regions in the sequence; region_sizes: (n_regions,) grid tokens per region.
+    """
+
+    selected: np.ndarray
+    k: int
+    n_regions: int
+    region_sizes: np.ndarray
+
+    def visual_kv_fraction(self) -> float:
+        """GAZE_SPEC.md "Accounting": grid tokens of the selected regions, summed over layers and
+        heads, / (grid tokens x layers x heads)."""
+        used = self.region_sizes[self.selected].sum()
+        return float(used) / float(self.region_sizes.sum() * self.selected.shape[0] * self.selected.shape[1])
+
+
+class GazeSession:
+    """One sequence in its own llama.cpp context. Use ``GazeModel.session()`` to make one."""
+
+    def __init__(self, model, *, gaze: bool, top_k: int | None, keep_ratio: float | None,
+                 score_mode: str | None, gather: bool, n_ctx: int, kv_type: str, trace: bool) -> None:
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        if keep_ratio is not None and not (0.0 < keep_ratio <= 1.0):
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        if score_mode is not None and score_mode not in gguf_names.SCORE_MODE_IDS:
+            raise ValueError(f"score_mode must be one of {sorted(gguf_names.SCORE_MODE_IDS)}, got {score_mode!r}")
+
+        self.model = model
+        self.n_ctx = n_ctx
+        self.n_batch = min(n_ctx, 2048)
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = min(self.n_batch, 512)
+        cparams.n_seq_max = 1
+        cparams.n_threads = model.n_threads
+        cparams.n_threads_batch = model.n_threads
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED  # gaze masks need flash attention
+        cparams.type_k = KV_TYPES[kv_type]
+        cparams.type_v = KV_TYPES[kv_type]
+        cparams.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(model._model, cparams)
+        if not self._ctx:
+            raise RuntimeError("llama.cpp could not create a context")
+        self._batch = llama_cpp.llama_batch_ext_init(self._ctx)
+
+        bindings.llama_gaze_set_enabled(self._ctx, bool(gaze))
+        if top_k is not None or keep_ratio is not None:
+            cur_k, cur_ratio = self.selection()
+            bindings.llama_gaze_set_top_k(
+                self._ctx,
+                top_k if top_k is not None else (0 if keep_ratio is not None else cur_k),
+                keep_ratio if keep_ratio is not None else cur_ratio,
+            )
+        if score_mode is not None:
+            bindings.llama_gaze_set_score_mode(self._ctx, gguf_names.SCORE_MODE_IDS[score_mode])
+        bindings.llama_gaze_set_gather(self._ctx, bool(gather))
+        bindings.llama_gaze_set_trace(self._ctx, bool(trace))
+
+        self.n_past = 0
+        self.images: list[SessionImage] = []
+        # what the sequence holds, in order: token ids, and a SessionImage for each image chunk
+        self.history: list[int | SessionImage] = []
+        self._has_logits = False
+        self._n_registered = 0  # image ids are given in registration order, per context
+        self._last_step_gazed = False
+
+    # --- settings ----------------------------------------------------------------------------
+
+    @property
+    def gaze(self) -> bool:
+        return bool(bindings.llama_gaze_get_enabled(self._ctx))
+
+    def selection(self) -> tuple[int, float]:
+        """(top_k, keep_ratio) in effect (top_k > 0 takes precedence)."""
+        k, ratio = ctypes.c_int32(0), ctypes.c_float(0)
+        bindings.llama_gaze_get_top_k(self._ctx, ctypes.byref(k), ctypes.byref(ratio))
+        return k.value, ratio.value
+
+    @property
+    def score_mode(self) -> str:
+        names = {v: k for k, v in gguf_names.SCORE_MODE_IDS.items()}
+        return names[int(bindings.llama_gaze_get_score_mode(self._ctx))]
+
+    @property
+    def n_regions(self) -> int:
+        """Regions of the registered images the sequence holds."""
+        n = ctypes.c_int32(0)
+        bindings.llama_gaze_n_images(self._ctx, SEQ, ctypes.byref(n))
+        return n.value
+
+    # --- inputs ------------------------------------------------------------------------------
+
+    def add_text(self, text: str) -> list[int]:
+        """Tokenize and evaluate prompt text (dense); BOS first when the sequence is empty and the
+        vocabulary wants one. Returns the tokens."""
+        tokens = self.model.tokenize(text, add_special=self.n_past == 0 and self.model.add_bos)
+        self.add_tokens(tokens)
+        return tokens
+
+    def add_tokens(self, tokens: list[int]) -> None:
+        """Evaluate prompt tokens (dense), in batches of n_batch."""
+        for i in range(0, len(tokens), self.n_batch):
+            self._decode(tokens[i : i + self.n_batch], generated=False)
+        self.history.extend(int(t) for t in tokens)
+
+    def add_image(self, image, *, keep_embeddings: bool = False) -> SessionImage:
+        """Evaluate an image (a path or a PIL image) the way mtmd does: any begin/end-of-image text
+        the model uses, the grid, then the context tokens. Returns what was added."""
+        if not self.model.has_vision:
+            raise RuntimeError("this model has no vision projector (mmproj)")
+        mtmd_p = self.model._mtmd
+        bitmap = _bitmap(image)
+        chunks = mtmd_cpp.mtmd_input_chunks_init()
+        try:
+            text = mtmd_cpp.mtmd_input_text()
+            marker = mtmd_cpp.mtmd_default_marker()
+            text.text = marker
+            text.text_len = len(marker)
+            text.add_special = self.n_past == 0
+            text.parse_special = True
+            bitmaps = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            ret = mtmd_cpp.mtmd_tokenize(mtmd_p, chunks, ctypes.byref(text), bitmaps, 1)
+            if ret != 0:
+                raise RuntimeError(f"mtmd could not tokenize the image (error {ret})")
+            added = None
+            n_chunks = mtmd_cpp.mtmd_input_chunks_size(chunks)
+            for i in range(n_chunks):
+                chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
+                if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    added = self._eval_image_chunk(chunk, keep_embeddings)
+                else:
+                    self._eval_text_chunk(chunk, logits=i == n_chunks - 1)
+        finally:
+            mtmd_cpp.mtmd_input_chunks_free(chunks)
+            mtmd_cpp.mtmd_bitmap_free(bitmap)
+        if added is None:
+            raise RuntimeError("mtmd produced no image chunk")
+        return added
+
+    def _eval_text_chunk(self, chunk, logits: bool) -> None:
+        n = ctypes.c_size_t(0)
+        ptr = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+        tokens = [ptr[j] for j in range(n.value)]
+        if tokens:
+            self.add_tokens(tokens)
+            self._has_logits = logits
+
+    def _eval_image_chunk(self, chunk, keep_embeddings: bool) -> SessionImage:
+        mtmd_p = self.model._mtmd
+        image_tokens = mtmd_cpp.mtmd_input_chunk_get_tokens_image(chunk)
+        n_tokens = int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk))
+        if self.n_past + n_tokens > self.n_ctx:
+            raise RuntimeError(f"the image needs {n_tokens} positions, the context has {self.n_ctx - self.n_past} left")
+        if mtmd_cpp.mtmd_encode_chunk(mtmd_p, chunk) != 0:
+            raise RuntimeError("mtmd could not encode the image")
+        embd = mtmd_cpp.mtmd_get_output_embd(mtmd_p)
+        embeddings = None
+        if keep_embeddings:
+            n_embd = int(llama_cpp.llama_model_n_embd_inp(self.model._model))
+            embeddings = np.ctypeslib.as_array(embd, shape=(n_tokens * n_embd,)).reshape(n_tokens, n_embd).copy()
+
+        n_before = bindings.llama_gaze_n_images(self._ctx, SEQ, None)
+        new_n_past = llama_cpp.llama_pos(0)
+        ret = mtmd_cpp.mtmd_helper_decode_image_chunk(
+            mtmd_p, self._ctx, chunk, embd, self.n_past, SEQ, self.n_batch, ctypes.byref(new_n_past),
+            mtmd_cpp.mtmd_helper_post_decode_callback(), None,  # no callback (a NULL function pointer)
+        )
+        if ret != 0:
+            raise RuntimeError(f"could not decode the image (error {ret})")
+        registered = bindings.llama_gaze_n_images(self._ctx, SEQ, None) > n_before
+
+        nx, ny = ctypes.c_int32(0), ctypes.c_int32(0)
+        bindings.mtmd_image_tokens_get_grid(image_tokens, ctypes.byref(nx), ctypes.byref(ny))
+        rw, rh = ctypes.c_int32(0), ctypes.c_int32(0)
+        has_regions = bindings.mtmd_gaze_get_params(mtmd_p, ctypes.byref(rw), ctypes.byref(rh), None)
+        grid = (ny.value, nx.value)
+        region = (rh.value, rw.value) if has_regions else None
+        n_regions = math.ceil(grid[0] / region[0]) * math.ceil(grid[1] / region[1]) if region and nx.value else 0
+
+        image = SessionImage(
+            id=self._n_registered if registered else -1,
+            pos=self.n_past,
+            grid=grid,
+            region=region,
+            n_regions=n_regions if registered else 0,
+            n_context_tokens=int(bindings.mtmd_image_tokens_get_n_ctx_tokens(image_tokens)),
+            embeddings=embeddings,
+        )
+        self._n_registered += int(registered)
+        self.images.append(image)
+        self.history.append(image)
+        self.n_past = int(new_n_past.value)
+        self._has_logits = False
+        return image
+
+    # --- decoding ----------------------------------------------------------------------------
+
+    def _decode(self, tokens: list[int], generated: bool) -> None:
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise RuntimeError(f"the context is full ({self.n_ctx} positions)")
+        batch = self._batch
+        llama_cpp.llama_batch_ext_clear(batch)
+        pos = llama_cpp.llama_pos(0)
+        idx = -1
+        for t in tokens:
+            idx = llama_cpp.llama_batch_ext_add_token(batch, SEQ, int(t))
+            if idx < 0:
+                raise RuntimeError(f"could not add token {t} to the batch ({idx})")
+            pos.value = self.n_past
+            llama_cpp.llama_batch_ext_set_pos(batch, idx, ctypes.byref(pos))
+            self.n_past += 1
+        llama_cpp.llama_batch_ext_set_output_logits(batch, idx, True)
+        bindings.llama_gaze_set_generated(self._ctx, generated)
+        try:
+            ret = llama_cpp.llama_process(self._ctx, llama_cpp.LLAMA_PROCESS_TYPE_DECODE, batch)
+        finally:
+            bindings.llama_gaze_set_generated(self._ctx, False)
+        if ret != 0:
+            self.n_past -= len(tokens)
+            raise RuntimeError(f"llama_process failed ({ret})")
+        self._has_logits = True
+        self._last_step_gazed = generated
+
+    def logits(self) -> np.ndarray:
+        """(n_vocab,) float32 logits at the last position (a copy)."""
+        if not self._has_logits:
+            raise RuntimeError("no logits: the last input was an image (add text after it)")
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    def append(self, token: int) -> np.ndarray:
+        """Evaluate a token the model generated (gaze applies) and return the logits after it."""
+        self._decode([int(token)], generated=True)
+        self.history.append(int(token))
+        return self.logits()
+
+    # --- trace -------------------------------------------------------------------------------
+
+    def trace(self) -> StepTrace | None:
+        """The regions selected at the last ``append``; None when that step was dense (gaze off,
+        no registered image, or the last input was not a generated token)."""
+        if not self._last_step_gazed:
+            return None
+        images = {img.id: img for img in self.images if img.id >= 0}
+        offset, r0 = {}, 0
+        for img in sorted(images.values(), key=lambda im: im.pos):
+            offset[img.id] = r0
+            r0 += img.n_regions
+        n_layer = self.model.n_layer
+        per_layer = []
+        for il in range(n_layer):
+            n_head = ctypes.c_int32(0)
+            k = bindings.llama_gaze_get_trace(self._ctx, il, ctypes.byref(n_head), None, None, 0)
+            if k == 0:
+                return None
+            n = k * n_head.value
+            ids, regs = (ctypes.c_int32 * n)(), (ctypes.c_int32 * n)()
+            bindings.llama_gaze_get_trace(self._ctx, il, ctypes.byref(n_head), ids, regs, n)
+            if any(i not in offset for i in ids):
+                raise RuntimeError("the trace names an image this session does not know")
+            sel = np.array([offset[i] + r for i, r in zip(ids, regs, strict=True)], dtype=np.int64)
+            sel = np.sort(sel.reshape(n_head.value, k), axis=-1)
+            if n_head.value == 1:  # layer_mean: one selection for every KV head
+                sel = np.repeat(sel, self.model.n_head_kv, axis=0)
+            per_layer.append(sel)
+        sizes = np.concatenate([img.region_sizes() for img in sorted(images.values(), key=lambda im: im.pos)])
+        return StepTrace(np.stack(per_layer), int(per_layer[0].shape[-1]), r0, sizes)
+
+    # --- lifetime ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if getattr(self, "_batch", None):
+            llama_cpp.llama_batch_ext_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+    def __enter__(self) -> GazeSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+
+def _bitmap(image):
+    """An mtmd bitmap (RGB) from a path or a PIL image."""
+    from PIL import Image
+
+    if isinstance(image, str | Path):
+        with Image.open(image) as im:
+            rgb = im.convert("RGB")
+    elif isinstance(image, Image.Image):
+        rgb = image.convert("RGB")
+    else:
+        raise TypeError(f"add_image takes a path or a PIL image, not {type(image).__name__}")
+    data = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    buf = (ctypes.c_uint8 * data.size).from_buffer_copy(data.tobytes())
+    bitmap = mtmd_cpp.mtmd_bitmap_init(rgb.width, rgb.height, buf)
+    if not bitmap:
+        raise RuntimeError("mtmd could not make a bitmap")
+    return bitmap
