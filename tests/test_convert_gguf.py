@@ -157,3 +157,14 @@ def test_qwen2vl_uses_llama_cpp_routes(converted):
     kv, tensors = read(mmproj)
     assert kv["clip.projector_type"] == "qwen2vl_merger"
     assert {"v.patch_embd.weight", "v.patch_embd.weight.1", "mm.0.weight", "mm.2.weight"} <= set(tensors)
+
+
+def test_shipped_default_model_is_the_conversion_of_its_checkpoint(tmp_path):
+    """gaze_edge/models/default/ is exactly what `gaze-edge convert` makes of default-hf (f32)."""
+    from gaze_edge.convert import convert
+    from gaze_edge.default_model import DEFAULT_DIR
+
+    llm, mmproj = convert(DEFAULT_DIR.parent / "default-hf", tmp_path, outtype="f32", name="gaze-scenes",
+                          progress=False)
+    for made in (llm, mmproj):
+        assert made.read_bytes() == (DEFAULT_DIR / made.name).read_bytes(), made.name

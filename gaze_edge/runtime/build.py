@@ -38,7 +38,7 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 # Bumped when this file changes how a build is made, so old cache entries are not reused.
 BUILDER_VERSION = 1
 # llama.cpp's own binaries, built on demand from the same patched tree.
-TEST_TARGETS = ["test-backend-ops", "llama-mtmd-cli"]
+TEST_TARGETS = ["test-backend-ops", "test-gaze", "llama-mtmd-cli"]
 MARKER = ".gaze_edge_build.json"
 
 
@@ -175,6 +175,15 @@ def prepare_source(spec: BuildSpec) -> Path:
     return src
 
 
+def _build_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+    # ggml compiles through ccache when it is installed; paths relative to the cache folder let a
+    # new entry (a changed patch) reuse every object whose source did not change.
+    env.setdefault("CCACHE_BASEDIR", str(cache_dir() / "runtime"))
+    return env
+
+
 def build_wheel(spec: BuildSpec) -> Path:
     """The patched llama_cpp_python wheel for this spec, built once."""
     wheel_dir = spec.entry() / "wheel"
@@ -183,9 +192,8 @@ def build_wheel(spec: BuildSpec) -> Path:
         _log(f"cached runtime {spec.key}: {wheels[0].name}")
         return wheels[0]
     src = prepare_source(spec)
-    env = dict(os.environ)
+    env = _build_env()
     env["CMAKE_ARGS"] = " ".join(shlex.quote(a) for a in spec.cmake_args)
-    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
     tmp = Path(tempfile.mkdtemp(prefix="wheel.", dir=spec.entry()))
     try:
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
@@ -258,9 +266,9 @@ def build_tests(spec: BuildSpec, targets: list[str] | None = None) -> Path:
     if not (build / "build.ninja").exists():
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         _run(["cmake", "-S", str(llama_dir), "-B", str(build), *generator, *TEST_CMAKE_ARGS,
-              *spec.cmake_args], "configuring llama.cpp tests", stdout=subprocess.DEVNULL)
+              *spec.cmake_args], "configuring llama.cpp tests", stdout=subprocess.DEVNULL, env=_build_env())
     _run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target",
-          *(targets or TEST_TARGETS)], "building llama.cpp test binaries")
+          *(targets or TEST_TARGETS)], "building llama.cpp test binaries", env=_build_env())
     return build / "bin"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,11 +106,13 @@ class GazeModel:
         self.n_threads = n_threads
         self.n_gpu_layers = n_gpu_layers
         self._vocab = llama_cpp.llama_model_get_vocab(model_p)
+        # chat() holds it for a whole answer: one model, any number of threads, one answer at a time
+        self.lock = threading.RLock()
 
     @classmethod
     def load(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike | None = None,
         mmproj: str | os.PathLike | None = None,
         *,
         n_threads: int | None = None,
@@ -117,10 +120,15 @@ class GazeModel:
         verbose: bool = False,
     ) -> GazeModel:
         """Load ``path`` (see ``find_model_files``): the language model, then its projector.
+        Without a path: the embedded default model (gaze_edge.default_model).
 
         n_gpu_layers: layers offloaded to a GPU backend (0: CPU only); the projector follows
           (on the GPU when n_gpu_layers > 0).
         """
+        if path is None:
+            from gaze_edge.default_model import default_model_dir
+
+            path = default_model_dir()
         files = find_model_files(path, mmproj)
         _set_verbose(verbose)
         llama_cpp.llama_backend_init()
@@ -131,7 +139,7 @@ class GazeModel:
         mparams.use_extra_bufts = False
         model_p = llama_cpp.llama_model_load_from_file(str(files.model).encode(), mparams)
         if not model_p:
-            raise RuntimeError(f"llama.cpp could not load {files.model}")
+            raise ModelFilesError(f"llama.cpp could not load {files.model} (not a valid GGUF language model?)")
         n_threads = n_threads or _default_threads()
         mtmd_p = None
         if files.mmproj is not None:
@@ -143,7 +151,9 @@ class GazeModel:
             mtmd_p = mtmd_cpp.mtmd_init_from_file(str(files.mmproj).encode(), model_p, cparams)
             if not mtmd_p:
                 llama_cpp.llama_model_free(model_p)
-                raise RuntimeError(f"mtmd could not load the projector {files.mmproj}")
+                raise ModelFilesError(
+                    f"mtmd could not load the projector {files.mmproj} (corrupt, or not made for this model?)"
+                )
         return cls(files, model_p, mtmd_p, n_threads, n_gpu_layers)
 
     @property
@@ -250,6 +260,32 @@ class GazeModel:
     def add_bos(self) -> bool:
         self._check_open()
         return bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+
+    @property
+    def n_ctx_train(self) -> int:
+        return int(llama_cpp.llama_model_n_ctx_train(self._model))
+
+    # --- chat --------------------------------------------------------------------------------
+
+    def chat(self, messages_or_prompt, **kwargs):
+        """Answer a prompt or a conversation with the model's own chat template (from its GGUF).
+
+        messages_or_prompt: a string, or HF-style messages [{"role": "user", "content": str or
+          [{"type": "image", "image": path_or_PIL}, {"type": "text", "text": ...}]}, ...].
+        image= / images=: images put before the text of the last user message.
+        max_tokens=256, temperature=0.0 (greedy), top_p=0.95, seed=None.
+        gaze=None (on for gaze models), top_k=None / keep_ratio=None (override the model's).
+        trace=False: True keeps, per generated token, the regions the model looked at.
+        stream=False: True returns an iterator of text pieces instead of a ChatResult.
+        n_ctx=None: the context size (default: the model's training context, at most 4096).
+
+        Thread safety: a GazeModel may be shared between threads; calls are serialised by
+        ``self.lock`` (each answer runs in a fresh llama.cpp context of its own). A streamed
+        answer holds the lock until the iterator is exhausted or closed.
+        """
+        from gaze_edge.chat import chat
+
+        return chat(self, messages_or_prompt, **kwargs)
 
     # --- sessions ----------------------------------------------------------------------------
 
