@@ -121,6 +121,11 @@ def test_cli_info_on_the_default_model():
     assert data["vision"] and data["gaze"]["region_h"] == 2 and data["gaze"]["n_context_tokens"] == 4
 
 
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
 def _one_line_error(result, code=1):
     assert result.exit_code == code, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -132,8 +137,8 @@ def _one_line_error(result, code=1):
     "make, message",
     [
         (lambda d: d / "missing.png", "image not found"),
-        (lambda d: (d / "notes.png").write_text("just text") or d / "notes.png", "not an image"),
-        (lambda d: (d / "cut.png").write_bytes(SCENE.read_bytes()[:120]) or d / "cut.png", "corrupt"),
+        (lambda d: _write(d / "notes.png", b"just text"), "not an image"),
+        (lambda d: _write(d / "cut.png", SCENE.read_bytes()[:120]), "corrupt"),
         (lambda d: Image.new("1", (12000, 12000)).save(d / "bomb.png") or d / "bomb.png", "too large"),
     ],
     ids=["missing", "non-image", "corrupt", "bomb"],
