@@ -15,7 +15,6 @@ import traceback
 from pathlib import Path
 
 import click
-import numpy as np
 
 EXIT_INPUT = 1
 EXIT_RUNTIME_MISSING = 3
@@ -199,9 +198,9 @@ def _write_gaze_map(result, picture, path: str) -> None:
     if image is None:
         raise GazeEdgeError("the image was not registered for gaze: no gaze map to draw")
     grid = RegionGrid(*image.grid, *image.region)
+    # the first image's regions come first in the sequence's numbering; selection_frequency
+    # ignores region ids beyond this grid (other images')
     steps = [(s.text, s.trace.selected) for s in result.steps if s.trace is not None]
-    # the first image's regions come first in the sequence's numbering
-    steps = [(text, np.where(sel < grid.n_regions, sel, -1)) for text, sel in steps]
     render(picture, grid, steps, path)
 
 
