@@ -6,8 +6,8 @@ are at the native size, where mtmd's and transformers' preprocessing agree (docs
 Tolerances, from measurements on these tiny random models (docs/CONVERT.md lists the numbers):
 - f32: image cosine >= 0.9999 (plain, and centered on HF's mean token), first-token logits
   cosine >= 0.9999 with the same argmax; decode steps max |diff| <= 1e-3 * the largest |logit|
-  with every argmax equal. Measured: LLaVA ~1e-5 of the logit scale; Qwen-VL ~5e-4, all of it
-  from a pinned llama.cpp bug (RMSNorm eps not loaded for qwen2vl; see the xfail test).
+  with every argmax equal. Measured: LLaVA ~1e-5 of the logit scale; Qwen-VL the same since
+  patches/0009 loads the RMSNorm eps of qwen2vl (before it: ~5e-4, test_qwen_vl_decode_as_tight_as_llava).
 - f16 / q8_0 / q4_k_m: deviation measured and bounded loosely (they are lossy by design).
 """
 
@@ -100,14 +100,12 @@ def test_f32_matches_transformers(root, case):
     assert r.decode_max_abs <= 1e-3 * r.logit_scale and r.decode_argmax_same, r
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pinned llama.cpp bug: llama_model_qwen2vl::load_arch_hparams (src/models/qwen2vl.cpp) never "
-    "reads attention.layer_norm_rms_epsilon, so Qwen2-VL / Qwen2.5-VL run RMSNorm with eps = 0 "
-    "instead of 1e-6; with that eps set to 0 in transformers the text-only difference drops from "
-    "2.6e-4 to 1.6e-7. Remove this marker when a runtime patch loads the key."))
 @pytest.mark.parametrize("case", ["qwen2vl", "qwen2.5vl"])
 def test_qwen_vl_decode_as_tight_as_llava(root, case):
-    """LLaVA's decoders (llama, qwen2) match at ~1e-5 of the logit scale; Qwen-VL should too."""
+    """LLaVA's decoders (llama, qwen2) match at ~1e-5 of the logit scale; Qwen-VL too.
+
+    Before patches/0009 the pinned llama.cpp ran Qwen2-VL's RMSNorm with eps = 0 (its
+    load_arch_hparams never read the key) and this failed at 2-3e-4 of the logit scale."""
     r = parity(root, case)
     assert r.decode_max_abs <= 1e-4 * r.logit_scale, r
 
