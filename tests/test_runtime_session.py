@@ -224,3 +224,66 @@ def test_settings_reach_the_context(model):
         assert s.selection() == (0, 0.5)
     with model.session(gaze=False) as s:
         assert not s.gaze
+
+
+def test_rewind_restores_the_cache_exactly(model):
+    """append + rewind leaves the sequence as it was: the same token appended again gives the same
+    logits bit for bit (the benchmark times steps this way)."""
+    with model.session() as s:
+        prompt(s)
+        first = s.append(5)
+        n_past = s.n_past
+        s.rewind(1)
+        assert s.n_past == n_past - 1 and len(s.history) == n_past - 1
+        with pytest.raises(RuntimeError, match="no logits"):
+            s.logits()
+        assert np.array_equal(s.append(5), first)
+        assert s.trace() is not None
+
+
+def test_rewind_cannot_cut_an_image(model):
+    with model.session() as s:
+        prompt(s)
+        n_past = s.n_past
+        n_tail = len(model.tokenize("\nDescribe the image.\nASSISTANT:"))
+        with pytest.raises(ValueError, match="image"):
+            s.rewind(n_tail + 1)
+        with pytest.raises(ValueError):
+            s.rewind(-1)
+        assert s.n_past == n_past
+        s.rewind(n_tail)  # the text after the image can go
+        assert s.n_past == n_past - n_tail
+
+
+def test_configure_switches_modes_on_one_cache(model):
+    """Dense after a gaze step on the same session equals a dense session; gaze after dense equals
+    a gaze session; keep_ratio clears top_k."""
+    with model.session(gaze=False) as dense, model.session() as gazing:
+        prompt(dense)
+        prompt(gazing)
+        want_dense, want_gaze = dense.append(7), gazing.append(7)
+    with model.session() as s:
+        prompt(s)
+        s.append(7)
+        s.rewind(1)
+        s.configure(gaze=False)
+        assert np.array_equal(s.append(7), want_dense) and s.trace() is None
+        s.rewind(1)
+        s.configure(gaze=True, top_k=2)
+        assert s.selection()[0] == 2
+        s.configure(keep_ratio=0.25)
+        assert s.selection() == (0, 0.25)
+        assert np.array_equal(s.append(7), want_gaze)
+        with pytest.raises(ValueError, match="keep_ratio"):
+            s.configure(keep_ratio=0)
+
+
+def test_image_positions_without_encoding(model):
+    from PIL import Image
+
+    picture = Image.fromarray(image(1))
+    with model.session() as s:
+        s.add_text("USER: ")
+        before = s.n_past
+        s.add_image(picture)
+        assert model.image_positions(picture) == s.n_past - before == 7 * 7 + GAZE.n_context_tokens

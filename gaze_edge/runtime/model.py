@@ -177,6 +177,16 @@ class GazeModel:
         return int(llama_cpp.llama_model_n_layer(self._model))
 
     @property
+    def n_embd(self) -> int:
+        self._check_open()
+        return int(llama_cpp.llama_model_n_embd(self._model))
+
+    def size_bytes(self) -> int:
+        """Bytes of the language model's tensors."""
+        self._check_open()
+        return int(llama_cpp.llama_model_size(self._model))
+
+    @property
     def n_head(self) -> int:
         self._check_open()
         return int(llama_cpp.llama_model_n_head(self._model))
@@ -300,6 +310,7 @@ class GazeModel:
         n_ctx: int | None = None,
         kv_type: str = "f16",
         trace: bool = True,
+        eval_callback=None,
     ):
         """A fresh sequence in its own llama.cpp context (see ``GazeSession``).
 
@@ -310,6 +321,7 @@ class GazeModel:
         n_ctx: positions in the context (default: the model's training length, at most 4096).
         kv_type: "f16", "q8_0" or "f32" KV cache (flash attention reads an f32 cache as f16).
         trace: record each gazing step's selection for ``trace()``.
+        eval_callback: a ggml_backend_sched_eval_callback for the context (profiling).
         """
         from gaze_edge.runtime.session import GazeSession
 
@@ -318,8 +330,16 @@ class GazeModel:
             n_ctx = min(4096, int(llama_cpp.llama_model_n_ctx_train(self._model)))
         return GazeSession(
             self, gaze=gaze, top_k=top_k, keep_ratio=keep_ratio, score_mode=score_mode, gather=gather,
-            n_ctx=n_ctx, kv_type=kv_type, trace=trace,
+            n_ctx=n_ctx, kv_type=kv_type, trace=trace, eval_callback=eval_callback,
         )
+
+    def image_positions(self, image) -> int:
+        """Positions ``image`` (a path or a PIL image) takes in a sequence: its grid, context tokens
+        and any text mtmd puts around it. Tokenizes only (no encoding): cheap."""
+        from gaze_edge.runtime.session import image_positions
+
+        self._check_open()
+        return image_positions(self, image)
 
     def close(self) -> None:
         if getattr(self, "_mtmd", None):

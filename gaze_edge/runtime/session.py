@@ -9,6 +9,7 @@ context, so the runtime knows every region.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 from dataclasses import dataclass
@@ -80,15 +81,11 @@ class GazeSession:
     """One sequence in its own llama.cpp context. Use ``GazeModel.session()`` to make one."""
 
     def __init__(self, model, *, gaze: bool, top_k: int | None, keep_ratio: float | None,
-                 score_mode: str | None, gather: bool, n_ctx: int, kv_type: str, trace: bool) -> None:
+                 score_mode: str | None, gather: bool, n_ctx: int, kv_type: str, trace: bool,
+                 eval_callback=None) -> None:
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
-        if top_k is not None and top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
-        if keep_ratio is not None and not (0.0 < keep_ratio <= 1.0):
-            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-        if score_mode is not None and score_mode not in gguf_names.SCORE_MODE_IDS:
-            raise ValueError(f"score_mode must be one of {sorted(gguf_names.SCORE_MODE_IDS)}, got {score_mode!r}")
+        _check_selection(top_k, keep_ratio, score_mode)
 
         self.model = model
         self.n_ctx = n_ctx
@@ -105,23 +102,16 @@ class GazeSession:
         cparams.type_k = KV_TYPES[kv_type]
         cparams.type_v = KV_TYPES[kv_type]
         cparams.no_perf = True
+        if eval_callback is not None:  # ggml_backend_sched_eval_callback (profiling: gaze_edge.bench.profile)
+            cparams.cb_eval = eval_callback
+            self._eval_callback = eval_callback  # the context calls it: keep it alive
         self._ctx = llama_cpp.llama_init_from_model(model._model, cparams)
         if not self._ctx:
             raise RuntimeError("llama.cpp could not create a context")
         self._batch = llama_cpp.llama_batch_ext_init(self._ctx)
 
-        bindings.llama_gaze_set_enabled(self._ctx, bool(gaze))
-        if top_k is not None or keep_ratio is not None:
-            cur_k, cur_ratio = self.selection()
-            bindings.llama_gaze_set_top_k(
-                self._ctx,
-                top_k if top_k is not None else (0 if keep_ratio is not None else cur_k),
-                keep_ratio if keep_ratio is not None else cur_ratio,
-            )
-        if score_mode is not None:
-            bindings.llama_gaze_set_score_mode(self._ctx, gguf_names.SCORE_MODE_IDS[score_mode])
-        bindings.llama_gaze_set_gather(self._ctx, bool(gather))
-        bindings.llama_gaze_set_trace(self._ctx, bool(trace))
+        self.configure(gaze=gaze, top_k=top_k, keep_ratio=keep_ratio, score_mode=score_mode, gather=gather,
+                       trace=trace)
 
         self.n_past = 0
         self.images: list[SessionImage] = []
@@ -132,6 +122,28 @@ class GazeSession:
         self._last_step_gazed = False
 
     # --- settings ----------------------------------------------------------------------------
+
+    def configure(self, *, gaze: bool | None = None, top_k: int | None = None, keep_ratio: float | None = None,
+                  score_mode: str | None = None, gather: bool | None = None, trace: bool | None = None) -> None:
+        """Change settings; the next generated token uses them (None keeps a setting). As in
+        ``GazeModel.session``: top_k > 0 takes precedence over keep_ratio; giving only keep_ratio
+        clears top_k."""
+        _check_selection(top_k, keep_ratio, score_mode)
+        if gaze is not None:
+            bindings.llama_gaze_set_enabled(self._ctx, bool(gaze))
+        if top_k is not None or keep_ratio is not None:
+            cur_k, cur_ratio = self.selection()
+            bindings.llama_gaze_set_top_k(
+                self._ctx,
+                top_k if top_k is not None else (0 if keep_ratio is not None else cur_k),
+                keep_ratio if keep_ratio is not None else cur_ratio,
+            )
+        if score_mode is not None:
+            bindings.llama_gaze_set_score_mode(self._ctx, gguf_names.SCORE_MODE_IDS[score_mode])
+        if gather is not None:
+            bindings.llama_gaze_set_gather(self._ctx, bool(gather))
+        if trace is not None:
+            bindings.llama_gaze_set_trace(self._ctx, bool(trace))
 
     @property
     def gaze(self) -> bool:
@@ -175,31 +187,13 @@ class GazeSession:
         the model uses, the grid, then the context tokens. Returns what was added."""
         if not self.model.has_vision:
             raise RuntimeError("this model has no vision projector (mmproj)")
-        mtmd_p = self.model._mtmd
-        bitmap = _bitmap(image)
-        chunks = mtmd_cpp.mtmd_input_chunks_init()
-        try:
-            text = mtmd_cpp.mtmd_input_text()
-            marker = mtmd_cpp.mtmd_default_marker()
-            text.text = marker
-            text.text_len = len(marker)
-            text.add_special = self.n_past == 0
-            text.parse_special = True
-            bitmaps = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bitmap)
-            ret = mtmd_cpp.mtmd_tokenize(mtmd_p, chunks, ctypes.byref(text), bitmaps, 1)
-            if ret != 0:
-                raise RuntimeError(f"mtmd could not tokenize the image (error {ret})")
-            added = None
-            n_chunks = mtmd_cpp.mtmd_input_chunks_size(chunks)
-            for i in range(n_chunks):
-                chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
+        added = None
+        with _image_chunks(self.model._mtmd, image, add_special=self.n_past == 0) as chunks:
+            for i, chunk in enumerate(chunks):
                 if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                     added = self._eval_image_chunk(chunk, keep_embeddings)
                 else:
-                    self._eval_text_chunk(chunk, logits=i == n_chunks - 1)
-        finally:
-            mtmd_cpp.mtmd_input_chunks_free(chunks)
-            mtmd_cpp.mtmd_bitmap_free(bitmap)
+                    self._eval_text_chunk(chunk, logits=i == len(chunks) - 1)
         if added is None:
             raise RuntimeError("mtmd produced no image chunk")
         return added
@@ -301,6 +295,24 @@ class GazeSession:
         self.history.append(int(token))
         return self.logits()
 
+    def rewind(self, n_tokens: int = 1) -> None:
+        """Remove the last ``n_tokens`` tokens from the sequence (and the cache); images cannot be
+        cut. The logits are gone until the next input."""
+        if n_tokens < 0 or n_tokens > len(self.history):
+            raise ValueError(f"cannot rewind {n_tokens} tokens")
+        if n_tokens == 0:
+            return
+        tail = self.history[-n_tokens:]
+        if any(isinstance(item, SessionImage) for item in tail):
+            raise ValueError(f"the last {n_tokens} items include an image; only tokens can be rewound")
+        mem = llama_cpp.llama_get_memory(self._ctx)
+        if not llama_cpp.llama_memory_seq_rm(mem, SEQ, self.n_past - n_tokens, -1):
+            raise RuntimeError("llama.cpp could not remove the tokens from the cache")
+        del self.history[-n_tokens:]
+        self.n_past -= n_tokens
+        self._has_logits = False
+        self._last_step_gazed = False
+
     # --- trace -------------------------------------------------------------------------------
 
     def trace(self) -> StepTrace | None:
@@ -354,6 +366,46 @@ class GazeSession:
             self.close()
         except Exception:  # pragma: no cover - interpreter shutdown
             pass
+
+
+def _check_selection(top_k: int | None, keep_ratio: float | None, score_mode: str | None) -> None:
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if keep_ratio is not None and not (0.0 < keep_ratio <= 1.0):
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    if score_mode is not None and score_mode not in gguf_names.SCORE_MODE_IDS:
+        raise ValueError(f"score_mode must be one of {sorted(gguf_names.SCORE_MODE_IDS)}, got {score_mode!r}")
+
+
+@contextlib.contextmanager
+def _image_chunks(mtmd_p, image, add_special: bool):
+    """mtmd's chunks (a list) for one image (a path or a PIL image) and the text mtmd puts around it."""
+    bitmap = _bitmap(image)
+    chunks = mtmd_cpp.mtmd_input_chunks_init()
+    try:
+        text = mtmd_cpp.mtmd_input_text()
+        marker = mtmd_cpp.mtmd_default_marker()
+        text.text = marker
+        text.text_len = len(marker)
+        text.add_special = add_special
+        text.parse_special = True
+        bitmaps = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        ret = mtmd_cpp.mtmd_tokenize(mtmd_p, chunks, ctypes.byref(text), bitmaps, 1)
+        if ret != 0:
+            raise RuntimeError(f"mtmd could not tokenize the image (error {ret})")
+        yield [mtmd_cpp.mtmd_input_chunks_get(chunks, i) for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks))]
+    finally:
+        mtmd_cpp.mtmd_input_chunks_free(chunks)
+        mtmd_cpp.mtmd_bitmap_free(bitmap)
+
+
+def image_positions(model, image) -> int:
+    """Positions ``image`` takes in a sequence (its grid, context tokens and any text mtmd puts
+    around it), without encoding it."""
+    if not model.has_vision:
+        raise RuntimeError("this model has no vision projector (mmproj)")
+    with _image_chunks(model._mtmd, image, add_special=False) as chunks:
+        return sum(int(mtmd_cpp.mtmd_input_chunk_get_n_pos(c)) for c in chunks)
 
 
 def _bitmap(image):
