@@ -313,28 +313,129 @@ def train(preset: str, out: str, steps: int | None, seed: int | None, device: st
     click.echo(f"model saved in {folder}")
 
 
+def _is_gguf_model(path: str | None) -> bool:
+    if path is None:
+        return True
+    p = Path(path)
+    return p.suffix == ".gguf" or (p.is_dir() and any(p.glob("*.gguf")))
+
+
 @main.command("eval")
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", required=False, type=click.Path(exists=True))
 @click.option("--keep-ratio", "keep_ratios", multiple=True, default=("dense", "0.25"), show_default=True,
               help="'dense' or a ratio; repeatable.")
 @click.option("--scenes", default=500, show_default=True, type=click.IntRange(1))
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--reference", type=click.Path(exists=True, file_okay=False),
+              help="With a GGUF model: also decode the same scenes with this transformers checkpoint "
+                   "(the PyTorch reference) and compare.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for the runtime.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows.")
 @handle_errors
-def evaluate(path: str, keep_ratios: tuple[str, ...], scenes: int, split: str, as_json: bool) -> None:
-    """Object-level accuracy on GazeScenes of a PyTorch model folder (the reference)."""
-    from gaze_edge.train import evaluate as run_eval
+def evaluate(path: str | None, keep_ratios: tuple[str, ...], scenes: int, split: str, reference: str | None,
+             threads: int | None, as_json: bool) -> None:
+    """Object-level accuracy on GazeScenes.
 
-    rows = []
+    PATH: a GGUF model (folder or file; default: the embedded model), decoded by the runtime, or a
+    transformers checkpoint / training run, decoded by the PyTorch reference.
+    """
+    ratios = []
     for text in keep_ratios:
-        ratio = None if text == "dense" else float(text)
-        result = run_eval(path, keep_ratio=ratio, n_scenes=scenes, split=split)
-        rows.append({"keep_ratio": text, "object_accuracy": result.object_accuracy})
+        try:
+            ratios.append(None if text == "dense" else float(text))
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is neither 'dense' nor a number", param_hint="--keep-ratio") from None
+        if ratios[-1] is not None and not 0 < ratios[-1] <= 1:
+            raise click.BadParameter(f"{text} is not in (0, 1]", param_hint="--keep-ratio")
+    if not _is_gguf_model(path):
+        if reference:
+            raise click.BadParameter("--reference compares a GGUF model with its checkpoint; PATH is already "
+                                     "a checkpoint", param_hint="--reference")
+        from gaze_edge.train import evaluate as run_eval
+
+        rows = []
+        for ratio in ratios:
+            result = run_eval(path, keep_ratio=ratio, n_scenes=scenes, split=split)
+            rows.append({"keep_ratio": ratio, "object_accuracy": result.object_accuracy})
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                mode = "dense" if r["keep_ratio"] is None else f"gaze {r['keep_ratio']:g}"
+                click.echo(f"{mode:>10}  object accuracy {100 * r['object_accuracy']:.1f}% (reference)")
+        return
+
+    from gaze_edge.bench import quality
+
+    model = _load_model(path, threads, False)
+
+    def progress(label: str, done: int, total: int) -> None:
+        if sys.stderr.isatty() or done == total:
+            click.echo(f"\r{label}: {done}/{total} scenes", err=True, nl=done == total)
+
+    rows = quality.run(model, ratios, n_scenes=scenes, split=split, reference=reference, progress=progress)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps([r.to_json() for r in rows], indent=2))
     else:
-        for r in rows:
-            click.echo(f"{r['keep_ratio']:>8}  object accuracy {100 * r['object_accuracy']:.1f}%")
+        click.echo(quality.format_table(rows, scenes))
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def _parse_counts(text: str) -> list[int]:
+    counts = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            n = int(float(part[:-1]) * 1024) if part.endswith("k") else int(part)
+        except ValueError:
+            raise click.BadParameter(f"{part!r} is not a count (e.g. 4096 or 4k)", param_hint="--visual") from None
+        if n < 1:
+            raise click.BadParameter(f"{part!r} must be >= 1", param_hint="--visual")
+        counts.append(n)
+    return counts
+
+
+@main.command()
+@click.argument("model_dir", required=False, type=click.Path(exists=True))
+@click.option("--shape", help="Benchmark a random-weight model of this shape instead, made and converted with "
+                              "our converter on first use (needs the [convert] extra): qwen2-0.5b.")
+@click.option("--visual", default="1k,4k,16k", show_default=True,
+              help="Visual-token counts, comma-separated (k = 1024), filled with whole images.")
+@click.option("--keep-ratio", "keep_ratios", multiple=True, type=click.FloatRange(0, 1, min_open=True),
+              default=(0.1, 0.25, 0.5), show_default=True, help="Gaze keep ratios to time; repeatable.")
+@click.option("--rounds", default=4, show_default=True, type=click.IntRange(1),
+              help="Rounds over the modes (each: an untimed step, then --steps timed steps per mode).")
+@click.option("--steps", default=3, show_default=True, type=click.IntRange(1), help="Timed steps per mode and round.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads (default: physical cores).")
+@click.option("--kv-type", default="f16", show_default=True, type=click.Choice(["f16", "q8_0"]))
+@click.option("--gather", is_flag=True, help="Gather the selected K/V rows instead of masking.")
+@click.option("--profile", is_flag=True, help="Also time every graph node: where a step spends its time "
+                                              "(attention, gaze selection, weights); slows every step.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def bench(model_dir, shape, visual, keep_ratios, rounds, steps, threads, kv_type, gather, profile, as_json) -> None:
+    """Decode speed, dense vs gaze, side by side on one cache (default: the embedded model).
+
+    Prefills text and images once per visual-token count, then times dense and gaze steps on that
+    same cache, alternating modes; prints ms/token, ratios, the visual KV used, the bandwidth bound
+    of each mode and the peak RSS. Numbers depend on the machine: compare the ratios.
+    """
+    counts = _parse_counts(visual)
+    if shape and model_dir:
+        raise click.BadParameter("give a model folder or --shape, not both", param_hint="--shape")
+    from gaze_edge.bench import shapes, speed
+
+    if shape:
+        if shape not in shapes.SHAPES:
+            raise click.BadParameter(f"unknown shape {shape!r}; known: {', '.join(sorted(shapes.SHAPES))}",
+                                     param_hint="--shape")
+        model_dir = str(shapes.ensure(shape))
+    model = _load_model(model_dir, threads, False)
+    report = speed.run(model, counts, list(keep_ratios), rounds=rounds, per_round=steps, kv_type=kv_type,
+                       gather=gather, profile=profile, progress=lambda line: click.echo(line, err=True))
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else speed.format_table(report))
 
 
 if __name__ == "__main__":

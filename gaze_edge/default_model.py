@@ -21,3 +21,17 @@ def default_model_dir() -> Path:
             "pass --model DIR with a model converted by `gaze-edge convert`"
         )
     return DEFAULT_DIR
+
+
+# the PyTorch checkpoint the default GGUF pair was converted from: in a source checkout only
+DEFAULT_HF_DIR = DEFAULT_DIR.parent / "default-hf"
+
+
+def default_checkpoint_dir() -> Path:
+    """The default model's transformers checkpoint (for the reference), or a clear error."""
+    if not (DEFAULT_HF_DIR / "config.json").is_file():
+        raise GazeEdgeError(
+            f"the default model's PyTorch checkpoint is not there ({DEFAULT_HF_DIR}): it is kept in the "
+            "source repository, not in the wheel"
+        )
+    return DEFAULT_HF_DIR

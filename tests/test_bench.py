@@ -1,0 +1,129 @@
+"""The benchmarks' machinery (not their numbers: timings live in docs/BENCHMARKS.md, never in tests).
+
+Speed: the rows, the visual-KV accounting and the byte counts of a short run on the embedded
+model. Quality: the runtime's captions vs the PyTorch reference's on a few scenes. Shapes: the
+random-model recipe, at a tiny size, goes through our converter and gives the promised grid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from gaze_edge.bench import bandwidth
+
+pytestmark = pytest.mark.runtime
+
+
+@pytest.fixture(scope="module")
+def model():
+    from gaze_edge.runtime.model import GazeModel
+
+    m = GazeModel.load(n_threads=2)
+    yield m
+    m.close()
+
+
+def test_byte_accounting():
+    assert bandwidth.kv_bytes_per_cell(24, 2, 64, "f16") == 2 * 24 * 2 * 64 * 2
+    assert bandwidth.kv_bytes_per_cell(1, 1, 32, "q8_0") == 2 * 34
+    assert bandwidth.step_bytes(1000, 10.5, 8.0, 7) == 1000 + 84 + 7
+
+
+def test_read_bandwidth_is_positive_and_finite():
+    bw = bandwidth.read_bandwidth(1, size_mb=16, passes=2)
+    assert 1e8 < bw < 1e13
+
+
+def test_speed_rows_and_accounting(model):
+    from gaze_edge.bench import speed
+
+    report = speed.run(model, [300, 100], [0.1, 0.5], rounds=1, per_round=1, bandwidth=20e9)
+    assert [r.visual_tokens for r in report.rows] == [196, 392]  # whole 14 x 14 images, ascending targets
+    assert [r.n_images for r in report.rows] == [1, 2]
+    per_image = model.image_positions(speed._scene_images(1, 0)[0])
+    for row in report.rows:
+        assert row.n_regions == 49 * row.n_images
+        assert row.cached_tokens >= row.n_images * per_image
+        assert [m.mode for m in row.modes] == ["dense", "gaze 0.1", "gaze 0.5"]
+        dense, g01, g05 = row.modes
+        assert dense.vs_dense == 1.0 and dense.visual_kv_fraction == 1.0
+        # all regions are 2 x 2 and full: the fraction is k / n_regions exactly, every layer and head
+        for m, ratio in ((g01, 0.1), (g05, 0.5)):
+            assert m.visual_kv_fraction == pytest.approx(math.ceil(ratio * row.n_regions - 1e-6) / row.n_regions)
+            assert m.n_steps == 1 and m.decode_ms > 0
+        cells = bandwidth.kv_bytes_per_cell(model.n_layer, model.n_head_kv, model.n_embd // model.n_head, "f16")
+        assert dense.step_mb * 1e6 == pytest.approx(model.size_bytes() + (row.cached_tokens + 1) * cells)
+        assert g01.step_mb < g05.step_mb < dense.step_mb
+        assert dense.bound_ms == pytest.approx(1e3 * dense.step_mb * 1e6 / 20e9)
+        assert row.peak_rss_mb > 0
+    table = speed.format_table(report)
+    assert "gaze 0.5" in table and "bound" in table
+    assert speed.SpeedReport.from_json(json.loads(json.dumps(report.to_json()))) == report
+
+
+def test_quality_runtime_matches_the_reference(model):
+    """Dense and gaze 0.25 through the runtime say what the PyTorch reference says, scene by scene."""
+    from gaze_edge.bench import quality
+    from gaze_edge.default_model import DEFAULT_HF_DIR
+
+    rows = quality.run(model, [None, 0.25], n_scenes=8, reference=DEFAULT_HF_DIR)
+    dense, gazed = rows
+    assert dense.runtime_visual_kv == 1.0
+    assert gazed.runtime_visual_kv == pytest.approx(math.ceil(0.25 * 49) / 49)
+    for r in rows:
+        assert r.agreement >= 7 / 8, r
+        assert abs(r.runtime_accuracy - r.reference_accuracy) <= 0.1, r
+    assert "same caption" in quality.format_table(rows, 8)
+
+
+def test_bench_cli_json_and_bad_flags(tmp_path):
+    from gaze_edge.cli import main
+
+    runner = CliRunner()
+    res = runner.invoke(main, ["bench", "--visual", "196", "--keep-ratio", "0.25", "--rounds", "1", "--steps", "1",
+                               "--threads", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert [m["mode"] for m in data["rows"][0]["modes"]] == ["dense", "gaze 0.25"]
+    for args in (["--visual", "4q"], ["--visual", "0"], ["--keep-ratio", "0"], ["--shape", "nope"],
+                 [str(tmp_path), "--shape", "qwen2-0.5b"]):
+        res = runner.invoke(main, ["bench", *args])
+        assert res.exit_code == 2, (args, res.output)
+
+
+def test_eval_cli_on_the_runtime_with_a_bad_ratio():
+    from gaze_edge.cli import main
+
+    res = CliRunner().invoke(main, ["eval", "--keep-ratio", "2"])
+    assert res.exit_code == 2 and "not in (0, 1]" in res.output
+    res = CliRunner().invoke(main, ["eval", "--keep-ratio", "dense", "--scenes", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)[0]["keep_ratio"] is None
+
+
+def test_shape_recipe_converts_with_our_converter(monkeypatch, tmp_path):
+    """The random-model recipe at a tiny size: converted by gaze_edge.convert, cached, 32 x 32 grid."""
+    from gaze_edge.bench import shapes
+    from gaze_edge.runtime.model import GazeModel
+
+    tiny = {"text_config": {**shapes.SHAPES["qwen2-0.5b"]["text_config"], "hidden_size": 64, "num_hidden_layers": 2,
+                            "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 128},
+            "image_size": 448}
+    monkeypatch.setitem(shapes.SHAPES, "tiny-test", tiny)
+    monkeypatch.setenv("GAZE_EDGE_CACHE", str(tmp_path))
+    out = shapes.ensure("tiny-test", progress=False)
+    assert out.parent == tmp_path / "bench" and len(list(out.glob("*.gguf"))) == 2
+    assert not list(out.parent.glob(".build-*"))  # the staging folder is gone
+    assert shapes.ensure("tiny-test", progress=False) == out  # cached
+    m = GazeModel.load(out, n_threads=1)
+    try:
+        assert (m.arch, m.n_layer, m.n_head_kv) == ("qwen2", 2, 1)
+        from gaze_edge.bench.speed import _scene_images
+
+        assert m.image_positions(_scene_images(1, 0)[0]) == 32 * 32 + shapes.GAZE["n_context_tokens"]
+    finally:
+        m.close()
