@@ -410,12 +410,14 @@ def _parse_counts(text: str) -> list[int]:
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(1), help="Timed steps per mode and round.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: physical cores).")
 @click.option("--kv-type", default="f16", show_default=True, type=click.Choice(["f16", "q8_0"]))
-@click.option("--gather", is_flag=True, help="Gather the selected K/V rows instead of masking.")
+@click.option("--restrict", default="mask", show_default=True, type=click.Choice(["mask", "gather", "both"]),
+              help="How gaze restricts attention: a mask over the cache, gathering the selected K/V rows, "
+                   "or both (every keep ratio timed each way).")
 @click.option("--profile", is_flag=True, help="Also time every graph node: where a step spends its time "
                                               "(attention, gaze selection, weights); slows every step.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
-def bench(model_dir, shape, visual, keep_ratios, rounds, steps, threads, kv_type, gather, profile, as_json) -> None:
+def bench(model_dir, shape, visual, keep_ratios, rounds, steps, threads, kv_type, restrict, profile, as_json) -> None:
     """Decode speed, dense vs gaze, side by side on one cache (default: the embedded model).
 
     Prefills text and images once per visual-token count, then times dense and gaze steps on that
@@ -434,7 +436,7 @@ def bench(model_dir, shape, visual, keep_ratios, rounds, steps, threads, kv_type
         model_dir = str(shapes.ensure(shape))
     model = _load_model(model_dir, threads, False)
     report = speed.run(model, counts, list(keep_ratios), rounds=rounds, per_round=steps, kv_type=kv_type,
-                       gather=gather, profile=profile, progress=lambda line: click.echo(line, err=True))
+                       restrict=restrict, profile=profile, progress=lambda line: click.echo(line, err=True))
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else speed.format_table(report))
 
 

@@ -12,7 +12,7 @@ set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 case "${1:-}" in
 pack)
-  SRC=$("${PY:-$ROOT/.venv/bin/python}" -m gaze_edge.runtime.build source | tail -1)/vendor
+  SRC=$(dirname "$("${PY:-$ROOT/.venv/bin/python}" -m gaze_edge.runtime.build source | tail -1)")
   mkdir -p "$ROOT/.gpu"
   tar czf "$ROOT/.gpu/llama.tgz" -C "$SRC" --exclude=llama.cpp/models --exclude=llama.cpp/docs \
     --exclude=llama.cpp/examples --exclude=llama.cpp/.git llama.cpp

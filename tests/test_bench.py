@@ -65,6 +65,25 @@ def test_speed_rows_and_accounting(model):
     assert speed.SpeedReport.from_json(json.loads(json.dumps(report.to_json()))) == report
 
 
+def test_speed_both_restrictions_and_the_node_profile(model):
+    from gaze_edge.bench import speed
+    from gaze_edge.bench.profile import GROUPS
+
+    report = speed.run(model, [100], [0.25], restrict="both", profile=True, rounds=1, per_round=2, bandwidth=20e9)
+    dense, masked, gathered = report.rows[0].modes
+    assert [m.mode for m in (dense, masked, gathered)] == ["dense", "gaze 0.25", "gaze 0.25 gather"]
+    assert (masked.gather, gathered.gather) == (False, True)
+    assert masked.visual_kv_fraction == gathered.visual_kv_fraction == pytest.approx(13 / 49)
+    for m in (dense, masked, gathered):
+        assert set(m.profile_ms) == {*GROUPS, "per-node overhead"}
+        assert all(v >= 0 for v in m.profile_ms.values())
+        assert m.profile_ms["attention"] > 0 and m.profile_ms["weights"] > 0
+    assert dense.profile_ms["gaze select"] == 0 and masked.profile_ms["gaze select"] > 0
+    assert "profiled" in speed.format_table(report)
+    with pytest.raises(ValueError, match="restrict"):
+        speed.run(model, [100], [0.25], restrict="sideways", rounds=1, per_round=1, bandwidth=20e9)
+
+
 def test_quality_runtime_matches_the_reference(model):
     """Dense and gaze 0.25 through the runtime say what the PyTorch reference says, scene by scene."""
     from gaze_edge.bench import quality

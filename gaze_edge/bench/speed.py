@@ -31,8 +31,9 @@ STEP_TOKEN_TEXT = " top"  # the token every timed step appends (any token of the
 
 @dataclass
 class ModeResult:
-    mode: str  # "dense" or "gaze 0.25"
+    mode: str  # "dense", "gaze 0.25" (mask mode) or "gaze 0.25 gather"
     keep_ratio: float | None
+    gather: bool
     decode_ms: float  # median
     decode_ms_spread: tuple[float, float]  # 25th and 75th percentiles
     vs_dense: float  # decode_ms / dense decode_ms
@@ -65,7 +66,7 @@ class SpeedReport:
     weights_mb: float
     kv_type: str
     threads: int
-    gather: bool
+    restrict: str  # how gaze restricts attention: "mask", "gather" or "both" (each gaze ratio twice)
     bandwidth_gbs: float
     text_only_ms: float
     profiled: bool = False  # steps were timed node by node: slower, not comparable with unprofiled runs
@@ -76,7 +77,10 @@ class SpeedReport:
 
     @classmethod
     def from_json(cls, data: dict) -> SpeedReport:
-        rows = [Row(**{**r, "modes": [ModeResult(**m) for m in r["modes"]]}) for r in data["rows"]]
+        def mode(m: dict) -> ModeResult:
+            return ModeResult(**{**m, "decode_ms_spread": tuple(m["decode_ms_spread"])})
+
+        rows = [Row(**{**r, "modes": [mode(m) for m in r["modes"]]}) for r in data["rows"]]
         return cls(**{**data, "rows": rows})
 
 
@@ -122,7 +126,7 @@ def text_only_ms(model, token: int, n_steps: int) -> float:
 
 
 def run(model, visual: list[int], ratios: list[float], *, rounds: int = 4, per_round: int = 3,
-        kv_type: str = "f16", gather: bool = False, bandwidth: float | None = None, profile: bool = False,
+        kv_type: str = "f16", restrict: str = "mask", bandwidth: float | None = None, profile: bool = False,
         progress=None) -> SpeedReport:
     """Benchmark ``model`` (a loaded GazeModel with a projector) at each visual-token count.
 
@@ -145,7 +149,7 @@ def run(model, visual: list[int], ratios: list[float], *, rounds: int = 4, per_r
     cell_bytes = kv_bytes_per_cell(model.n_layer, model.n_head_kv, head_dim, kv_type)
     report = SpeedReport(
         model=model.files.model.name, arch=model.arch, n_layer=model.n_layer, weights_mb=weights / 1e6,
-        kv_type=kv_type, threads=model.n_threads, gather=gather, bandwidth_gbs=0.0,
+        kv_type=kv_type, threads=model.n_threads, restrict=restrict, bandwidth_gbs=0.0,
         text_only_ms=base_ms, profiled=profile,
     )
     profiler = None
@@ -157,7 +161,9 @@ def run(model, visual: list[int], ratios: list[float], *, rounds: int = 4, per_r
     # every scene image takes the same positions; its grid is at most those minus the context tokens
     grid_max = per_image_pos - model.gaze_defaults().n_context_tokens
     n_ctx = 256 + (math.ceil(visual[-1] / grid_max) + 2) * per_image_pos
-    session = model.session(gaze=True, n_ctx=n_ctx, kv_type=kv_type, gather=gather, trace=False,
+    if restrict not in ("mask", "gather", "both"):
+        raise ValueError(f"restrict must be mask, gather or both, got {restrict!r}")
+    session = model.session(gaze=True, n_ctx=n_ctx, kv_type=kv_type, trace=False,
                             eval_callback=profiler.callback if profiler else None)
     n_images = grid_tokens = 0
     tail: list[int] = []
@@ -194,18 +200,20 @@ def run(model, visual: list[int], ratios: list[float], *, rounds: int = 4, per_r
 def _time_modes(session, token, row: Row, ratios, rounds, per_round, report: SpeedReport, cell_bytes, head_dim,
                 profiler=None):
     stepper = _Stepper(session, token)
-    modes: list[float | None] = [None, *ratios]
-    times: dict[float | None, list[float]] = {m: [] for m in modes}
-    groups: dict[float | None, dict[str, float]] = {m: {} for m in modes}
-    fractions: dict[float | None, float] = {None: 1.0}
+    gathers = {"mask": [False], "gather": [True], "both": [False, True]}[report.restrict]
+    modes: list[tuple[float | None, bool]] = [(None, False)] + [(r, g) for r in ratios for g in gathers]
+    times: dict[tuple, list[float]] = {m: [] for m in modes}
+    groups: dict[tuple, dict[str, float]] = {m: {} for m in modes}
+    fractions: dict[tuple, float] = {(None, False): 1.0}
     for _ in range(rounds):
         for m in modes:
-            if m is None:
-                session.configure(gaze=False)
+            ratio, gather = m
+            if ratio is None:
+                session.configure(gaze=False, gather=False)
             else:
-                session.configure(gaze=True, keep_ratio=m)
-            _, tr = stepper.step(trace=m is not None)  # untimed: rebuilds the graph
-            if m is not None:
+                session.configure(gaze=True, keep_ratio=ratio, gather=gather)
+            _, tr = stepper.step(trace=ratio is not None)  # untimed: rebuilds the graph
+            if ratio is not None:
                 fractions[m] = tr.visual_kv_fraction() if tr is not None else 1.0
             if profiler:
                 profiler.reset()
@@ -213,19 +221,21 @@ def _time_modes(session, token, row: Row, ratios, rounds, per_round, report: Spe
             if profiler:
                 for g, sec in profiler.groups().items():
                     groups[m][g] = groups[m].get(g, 0.0) + sec
-    dense_ms = 1e3 * statistics.median(times[None])
+    dense_ms = 1e3 * statistics.median(times[(None, False)])
     row.attention_share = max(0.0, (dense_ms - report.text_only_ms) / dense_ms)
     n_text = row.cached_tokens + 1 - row.visual_tokens  # text, context tokens and the new token
     descriptors = row.n_regions * head_dim * session.model.n_head_kv * 4 * session.model.n_layer
     for m in modes:
+        ratio, gather = m
         ms = 1e3 * statistics.median(times[m])
         frac = fractions[m]
         nbytes = step_bytes(
             int(report.weights_mb * 1e6), n_text + frac * row.visual_tokens, cell_bytes,
-            0 if m is None else descriptors,
+            0 if ratio is None else descriptors,
         )
+        name = "dense" if ratio is None else f"gaze {ratio:g}" + (" gather" if gather else "")
         row.modes.append(ModeResult(
-            mode="dense" if m is None else f"gaze {m:g}", keep_ratio=m, decode_ms=ms,
+            mode=name, keep_ratio=ratio, gather=gather, decode_ms=ms,
             decode_ms_spread=(1e3 * _percentile(times[m], 0.25), 1e3 * _percentile(times[m], 0.75)),
             vs_dense=ms / dense_ms, visual_kv_fraction=frac, step_mb=nbytes / 1e6, bound_ms=0.0,
             x_bound=0.0, n_steps=len(times[m]),  # bound: once the bandwidth is measured
@@ -244,10 +254,10 @@ def format_table(report: SpeedReport) -> str:
     r = report
     lines = [
         f"model {r.model} ({r.arch}, {r.n_layer} layers, {r.weights_mb:.0f} MB of weights), KV {r.kv_type}, "
-        f"{r.threads} threads, {'gather' if r.gather else 'mask'} mode",
+        f"{r.threads} threads, gaze restricts attention by {r.restrict.replace('both', 'mask and by gather')}",
         f"read bandwidth {r.bandwidth_gbs:.1f} GB/s (measured); text-only step {r.text_only_ms:.1f} ms",
         "",
-        f"{'visual':>7} {'cached':>7} {'prefill':>16} {'mode':>10} {'ms/token':>9} {'vs dense':>8} "
+        f"{'visual':>7} {'cached':>7} {'prefill':>16} {'mode':>16} {'ms/token':>9} {'vs dense':>8} "
         f"{'visual KV':>9} {'MB/step':>8} {'bound ms':>8} {'x bound':>7} {'attn':>5} {'peak RSS':>9}",
     ]
     for row in r.rows:
@@ -256,7 +266,7 @@ def format_table(report: SpeedReport) -> str:
             prefill = f"{row.prefill_s:.1f} s {row.prefill_tokens / max(row.prefill_s, 1e-9):.0f} t/s" if first else ""
             lines.append(
                 f"{row.visual_tokens if first else '':>7} {row.cached_tokens if first else '':>7} {prefill:>16} "
-                f"{m.mode:>10} {m.decode_ms:>9.1f} {m.vs_dense:>7.2f}x {100 * m.visual_kv_fraction:>8.1f}% "
+                f"{m.mode:>16} {m.decode_ms:>9.1f} {m.vs_dense:>7.2f}x {100 * m.visual_kv_fraction:>8.1f}% "
                 f"{m.step_mb:>8.0f} {m.bound_ms:>8.1f} {m.x_bound:>6.2f}x "
                 f"{(f'{100 * row.attention_share:.0f}%' if first else ''):>5} "
                 f"{(f'{row.peak_rss_mb:.0f} MB' if first else ''):>9}"
@@ -266,7 +276,7 @@ def format_table(report: SpeedReport) -> str:
         for row in r.rows:
             for m in row.modes:
                 parts = ", ".join(f"{g} {ms:.1f}" for g, ms in (m.profile_ms or {}).items())
-                lines.append(f"{row.visual_tokens:>7} {m.mode:>10}: {parts}")
+                lines.append(f"{row.visual_tokens:>7} {m.mode:>16}: {parts}")
     lines.append("")
     lines.append("ms/token: median decode step; vs dense: ratio to the dense step on the same cache; visual KV: grid "
                  "tokens read / all grid tokens; bound: MB/step over the read bandwidth; attn: share of the dense "
