@@ -163,6 +163,7 @@ def chat(
     gaze: bool | None = None,
     top_k: int | None = None,
     keep_ratio: float | None = None,
+    gather: bool = False,
     trace: bool = False,
     n_ctx: int | None = None,
 ) -> ChatResult | Iterator[str]:
@@ -175,7 +176,7 @@ def chat(
     all_images = ([image] if image is not None else []) + list(images)
     messages = normalize_messages(messages_or_prompt, all_images)
     run = _run(model, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-               gaze=gaze, top_k=top_k, keep_ratio=keep_ratio, trace=trace, n_ctx=n_ctx)
+               gaze=gaze, top_k=top_k, keep_ratio=keep_ratio, gather=gather, trace=trace, n_ctx=n_ctx)
     if stream:
         return (piece for piece in run if isinstance(piece, str))
     for item in run:
@@ -184,7 +185,7 @@ def chat(
     raise AssertionError("unreachable: the generation loop always ends with a result")
 
 
-def _run(model, messages, *, max_tokens, temperature, top_p, seed, gaze, top_k, keep_ratio, trace, n_ctx):
+def _run(model, messages, *, max_tokens, temperature, top_p, seed, gaze, top_k, keep_ratio, gather, trace, n_ctx):
     """Generator: text pieces as they are decoded, then the ChatResult."""
     prompt, images = render_prompt(model, messages)
     pieces = _split_prompt(prompt, len(images))
@@ -192,7 +193,7 @@ def _run(model, messages, *, max_tokens, temperature, top_p, seed, gaze, top_k, 
     is_gaze_model = model.gaze_defaults().region_h is not None
     use_gaze = is_gaze_model if gaze is None else gaze
     rng = np.random.default_rng(seed)
-    with model.lock, model.session(gaze=use_gaze, top_k=top_k, keep_ratio=keep_ratio, trace=trace,
+    with model.lock, model.session(gaze=use_gaze, top_k=top_k, keep_ratio=keep_ratio, gather=gather, trace=trace,
                                    n_ctx=n_ctx) as s:
         t0 = time.perf_counter()
         for i, text in enumerate(pieces):

@@ -114,6 +114,18 @@ def test_bench_cli_json_and_bad_flags(tmp_path):
         assert res.exit_code == 2, (args, res.output)
 
 
+def test_bench_cli_needs_a_vision_model(tmp_path):
+    import shutil
+
+    from gaze_edge.cli import main
+    from gaze_edge.default_model import DEFAULT_DIR
+
+    llm = next(p for p in DEFAULT_DIR.glob("*.gguf") if not p.name.startswith("mmproj"))
+    shutil.copy(llm, tmp_path / llm.name)
+    res = CliRunner().invoke(main, ["bench", str(tmp_path / llm.name), "--visual", "196"])
+    assert res.exit_code == 1 and "no vision projector" in res.output, res.output
+
+
 def test_eval_cli_on_the_runtime_with_a_bad_ratio():
     from gaze_edge.cli import main
 

@@ -112,6 +112,10 @@ def test_cli_gif_and_dense(tmp_path):
     assert Image.open(out).n_frames == 5  # tokens 2..6 gazed; the first came from the prompt
     dense = CliRunner().invoke(main, ["chat", "--image", str(SCENE), "-p", PROMPT, "--dense"])
     assert dense.exit_code == 0 and dense.output.strip() == TRUTH
+    gathered = CliRunner().invoke(main, ["chat", "--image", str(SCENE), "-p", PROMPT, "--gather", "--json"])
+    assert gathered.exit_code == 0, gathered.output
+    data = json.loads(gathered.output)
+    assert data["text"].strip() == TRUTH and data["visual_kv_fraction"] == pytest.approx(13 * 4 / 196)
 
 
 def test_cli_info_on_the_default_model():
@@ -149,7 +153,7 @@ def test_cli_bad_images(tmp_path, make, message):
 
 
 def test_cli_bad_flags():
-    for args in (["--top-k", "0"], ["--keep-ratio", "2"], ["--dense", "--top-k", "3"],
+    for args in (["--top-k", "0"], ["--keep-ratio", "2"], ["--dense", "--top-k", "3"], ["--dense", "--gather"],
                  ["--gaze-map", "m.jpg"], ["--max-tokens", "-1"]):
         result = CliRunner().invoke(main, ["chat", "--image", str(SCENE), "-p", "hi", *args])
         assert result.exit_code == 2, (args, result.output)

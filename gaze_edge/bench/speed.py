@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from gaze_edge.bench.bandwidth import kv_bytes_per_cell, read_bandwidth, step_bytes
+from gaze_edge.errors import GazeEdgeError
 
 PROMPT_HEAD = "USER: "
 PROMPT_TAIL = "\nDescribe the images.\nASSISTANT:"
@@ -135,7 +136,7 @@ def run(model, visual: list[int], ratios: list[float], *, rounds: int = 4, per_r
     """
     say = progress or (lambda _line: None)
     if not model.has_vision:
-        raise ValueError("the model has no vision projector: nothing to gaze at")
+        raise GazeEdgeError(f"{model.files.model.name} has no vision projector (mmproj): nothing to gaze at")
     visual = sorted(set(visual))
     probe = _scene_images(1, 0)[0]
     per_image_pos = model.image_positions(probe)

@@ -285,6 +285,8 @@ class GazeModel:
         image= / images=: images put before the text of the last user message.
         max_tokens=256, temperature=0.0 (greedy), top_p=0.95, seed=None.
         gaze=None (on for gaze models), top_k=None / keep_ratio=None (override the model's).
+        gather=False: gather the kept K/V rows instead of masking the cache (same selection; on
+          the CPU faster at small keep ratios with many image tokens, see docs/BENCHMARKS.md).
         trace=False: True keeps, per generated token, the regions the model looked at.
         stream=False: True returns an iterator of text pieces instead of a ChatResult.
         n_ctx=None: the context size (default: the model's training context, at most 4096).
