@@ -32,8 +32,8 @@ run)
   echo "build rc=$rc after $(( $(date +%s) - T0 )) s"; tail -3 "$OUT/build.log"
   [ $rc -eq 0 ] || exit 1
   fail=0
-  ./build/bin/test-backend-ops test -b CUDA0 -o FLASH_ATTN_EXT -p mask_per_head=1 > "$OUT/fa_gaze.log" 2>&1 || fail=1
-  echo "[FLASH_ATTN_EXT mask_per_head] $(tail -1 "$OUT/fa_gaze.log")"
+  ./build/bin/test-backend-ops test -b CUDA0 -o FLASH_ATTN_EXT -p mask_gaze=1 > "$OUT/fa_gaze.log" 2>&1 || fail=1
+  echo "[FLASH_ATTN_EXT mask_gaze] $(tail -1 "$OUT/fa_gaze.log")"
   for op in GET_ROWS SET_ROWS TOP_K MEAN SUM_ROWS MUL ADD REPEAT CONCAT CPY CONT; do
     ./build/bin/test-backend-ops test -b CUDA0 -o $op > "$OUT/op_$op.log" 2>&1 || fail=1
     echo "[$op] $(tail -1 "$OUT/op_$op.log")"

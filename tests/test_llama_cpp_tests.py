@@ -2,7 +2,8 @@
 
 test-gaze (patch 0008) checks the registry under seq_* ops, gaze vs a host-side removal reference,
 top_k >= n_regions == dense, traces; test-backend-ops runs every op the gaze graph uses, with the
-gaze-shaped flash-attention cases (a mask row per query head) among them. Without a GPU the only
+gaze-shaped flash-attention cases (`mask_gaze`: a mask row per query head, and the per-KV-head
+stream layout) among them. Without a GPU the only
 backend is the CPU (`-b CPU`), whose results test-backend-ops checks against its CPU reference.
 """
 
@@ -31,12 +32,12 @@ def test_test_gaze_passes(bin_dir):
 
 def test_backend_ops_gaze_flash_attention_cases(bin_dir):
     proc = subprocess.run(
-        [str(bin_dir / "test-backend-ops"), "test", "-b", "CPU", "-o", "FLASH_ATTN_EXT", "-p", "mask_per_head=1"],
+        [str(bin_dir / "test-backend-ops"), "test", "-b", "CPU", "-o", "FLASH_ATTN_EXT", "-p", "mask_gaze=1"],
         capture_output=True, text=True, timeout=900,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert "mask_per_head=1" in out and "FAIL" not in out
+    assert "mask_gaze=1" in out and "FAIL" not in out
 
 
 @pytest.mark.parametrize("op", GAZE_OPS[1:])
