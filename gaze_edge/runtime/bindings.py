@@ -29,13 +29,15 @@ except ImportError as e:  # pragma: no cover - exercised only without llama-cpp-
 _lib = _llama_cpp._lib
 
 
-def _bind(name: str, argtypes: list[Any], restype: Any):
-    """Declare a symbol of the loaded library once; a missing one means a stock (unpatched) build."""
+def _bind(name: str, argtypes: list[Any], restype: Any, lib=None, what: str = "llama.cpp"):
+    """Declare a symbol of a loaded library (llama by default) once; a missing one means a stock
+    (unpatched) build."""
+    lib = _lib if lib is None else lib
     try:
-        func = getattr(_lib, name)
+        func = getattr(lib, name)
     except AttributeError as e:
         raise RuntimeMissing(
-            f"the loaded llama.cpp ({_lib._name}) has no {name}: it is not gaze-edge's patched "
+            f"the loaded {what} ({lib._name}) has no {name}: it is not gaze-edge's patched "
             f"build; {BUILD_HINT}"
         ) from e
     func.argtypes = argtypes
@@ -150,16 +152,7 @@ _libmtmd = _mtmd_cpp._libmtmd
 
 
 def _bind_mtmd(name: str, argtypes: list[Any], restype: Any):
-    try:
-        func = getattr(_libmtmd, name)
-    except AttributeError as e:
-        raise RuntimeMissing(
-            f"the loaded mtmd ({_libmtmd._name}) has no {name}: it is not gaze-edge's patched "
-            f"build; {BUILD_HINT}"
-        ) from e
-    func.argtypes = argtypes
-    func.restype = restype
-    return func
+    return _bind(name, argtypes, restype, lib=_libmtmd, what="mtmd")
 
 
 # MTMD_API bool mtmd_gaze_get_params(const mtmd_context * ctx, int32_t * region_w, int32_t * region_h, int32_t * n_ctx_tokens);
