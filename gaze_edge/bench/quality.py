@@ -41,16 +41,22 @@ def runtime_captions(model, scenes, keep_ratio: float | None, progress=None) -> 
     return texts, sum(fractions) / len(fractions)
 
 
-def reference_captions(checkpoint, scenes, keep_ratio: float | None) -> list[str]:
+def load_reference(checkpoint):
+    """(net, tokenizer) of the transformers checkpoint, loaded once for every keep ratio."""
     from transformers.utils import logging
 
-    from gaze_edge.config import GazeConfig
-    from gaze_edge.train.evaluate import generate_answers
     from gaze_edge.train.load import load_trained
     from gaze_edge.train.loop import pick_device
 
     logging.disable_progress_bar()
-    net, tokenizer = load_trained(checkpoint, pick_device(None))
+    return load_trained(checkpoint, pick_device(None))
+
+
+def reference_captions(net, tokenizer, scenes, keep_ratio: float | None) -> list[str]:
+    """Greedy captions from the PyTorch reference (generate_answers puts the net's own settings back)."""
+    from gaze_edge.config import GazeConfig
+    from gaze_edge.train.evaluate import generate_answers
+
     gaze = None if keep_ratio is None else GazeConfig(keep_ratio=keep_ratio)
     return generate_answers(net, tokenizer, scenes, gaze=gaze, max_new_tokens=MAX_TOKENS)
 
@@ -62,6 +68,7 @@ def run(model, keep_ratios: list[float | None], *, n_scenes: int = 500, split: s
     progress: a callable (label, done, total) or None.
     """
     scenes = split_scenes(split, n_scenes)
+    ref_net = load_reference(reference) if reference is not None else None
     rows = []
     for ratio in keep_ratios:
         label = "dense" if ratio is None else f"gaze {ratio:g}"
@@ -69,8 +76,8 @@ def run(model, keep_ratios: list[float | None], *, n_scenes: int = 500, split: s
             model, scenes, ratio, progress=progress and (lambda n, label=label: progress(label, n, len(scenes)))
         )
         row = QualityRow(ratio, score_captions(texts, scenes).object_accuracy, frac)
-        if reference is not None:
-            ref = reference_captions(reference, scenes, ratio)
+        if ref_net is not None:
+            ref = reference_captions(*ref_net, scenes, ratio)
             row.reference_accuracy = score_captions(ref, scenes).object_accuracy
             row.agreement = sum(a == b for a, b in zip(texts, ref, strict=True)) / len(scenes)
         rows.append(row)

@@ -135,6 +135,8 @@ def run(model, visual: list[int], ratios: list[float], *, rounds: int = 4, per_r
     progress: a callable taking a line of text (None: quiet).
     """
     say = progress or (lambda _line: None)
+    if restrict not in ("mask", "gather", "both"):
+        raise ValueError(f"restrict must be mask, gather or both, got {restrict!r}")
     if not model.has_vision:
         raise GazeEdgeError(f"{model.files.model.name} has no vision projector (mmproj): nothing to gaze at")
     visual = sorted(set(visual))
@@ -162,8 +164,6 @@ def run(model, visual: list[int], ratios: list[float], *, rounds: int = 4, per_r
     # every scene image takes the same positions; its grid is at most those minus the context tokens
     grid_max = per_image_pos - model.gaze_defaults().n_context_tokens
     n_ctx = 256 + (math.ceil(visual[-1] / grid_max) + 2) * per_image_pos
-    if restrict not in ("mask", "gather", "both"):
-        raise ValueError(f"restrict must be mask, gather or both, got {restrict!r}")
     session = model.session(gaze=True, n_ctx=n_ctx, kv_type=kv_type, trace=False,
                             eval_callback=profiler.callback if profiler else None)
     n_images = grid_tokens = 0
