@@ -234,6 +234,64 @@ def info(model_dir: str | None, as_json: bool) -> None:
         click.echo(f"{key:>14}: {value}")
 
 
+# --------------------------------------------------------------------------- caption
+
+
+@main.command("caption")
+@click.argument("inputs", metavar="FILES_OR_DIR...", nargs=-1, required=True, type=click.Path())
+@click.option("-p", "--prompt", default="Describe the image.", show_default=True, help="Asked of every image.")
+@click.option("--jsonl", required=True, type=click.Path(dir_okay=False),
+              help="Output: one JSON line per image, appended as each is done; rerunning resumes it.")
+@click.option("-m", "--model", "model_path", type=click.Path(exists=True),
+              help="A folder from `gaze-edge convert` or a language-model .gguf (default: the embedded model).")
+@click.option("--mmproj", type=click.Path(exists=True, dir_okay=False),
+              help="The vision projector .gguf, when --model is a .gguf file.")
+@click.option("-r", "--recursive", is_flag=True, help="Also take the images in sub-folders.")
+@click.option("-n", "--max-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--temp", "temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 = greedy.")
+@click.option("--seed", type=int, help="Sampling seed (with --temp > 0).")
+@click.option("--dense", is_flag=True, help="Attend to every image token (gaze off).")
+@click.option("--keep-ratio", type=click.FloatRange(0, 1, min_open=True), help="Fraction of regions kept.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads (default: physical cores).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar; no summary line unless an image failed.")
+@click.option("--no-resume", is_flag=True, help="Start the output over instead of skipping images already in it.")
+@handle_errors
+def caption_command(inputs, prompt, jsonl, model_path, mmproj, recursive, max_tokens, temperature, seed, dense,
+                    keep_ratio, threads, quiet, no_resume) -> None:
+    """Caption many images with one loaded model, one JSON line each.
+
+    FILES_OR_DIR: image files (always tried) and folders (their files with an image extension, sorted;
+    other files such as .txt captions are left out). Each line holds the path and the text, token counts,
+    timings and the visual KV fraction, or the path and an "error" for an image that could not be captioned.
+    Rerunning skips the images already captioned and retries the failed ones; a line cut short by a
+    crash is repaired.
+
+    Exit status: 0 every image captioned, 1 some image failed (after trying all of them; the summary line
+    on stderr says how many) or another input error, 2 bad flags.
+    """
+    from gaze_edge.caption import caption, find_images
+
+    if dense and keep_ratio:
+        raise click.UsageError("--dense cannot go with --keep-ratio")
+    if mmproj and not (model_path and Path(model_path).is_file()):
+        raise click.UsageError("--mmproj goes with a --model .gguf file")
+    find_images(inputs, recursive=recursive)  # "no images found" before the model loads
+    verbose = bool(click.get_current_context().find_root().params.get("verbose"))
+    if mmproj:
+        from gaze_edge.runtime.model import GazeModel
+
+        model = GazeModel.load(model_path, mmproj, n_threads=threads, verbose=verbose)
+    else:
+        model = _load_model(model_path, threads, verbose)
+    summary = caption(model, inputs, jsonl=jsonl, prompt=prompt, resume=not no_resume, recursive=recursive,
+                      progress=False if quiet else None, max_tokens=max_tokens, temperature=temperature,
+                      seed=seed, gaze=False if dense else None, keep_ratio=keep_ratio)
+    if summary.failed or not quiet:
+        click.echo(f"gaze-edge caption: {summary}", err=True)
+    if summary.failed:
+        sys.exit(EXIT_INPUT)
+
+
 # --------------------------------------------------------------------------- convert
 
 
