@@ -67,7 +67,29 @@ def handle_errors(func):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """Usage errors (a bad flag or value) as one line and exit 2, like every other error here."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("gaze-edge: aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            message = " ".join(e.format_message().split())
+            click.echo(f"gaze-edge: error: {message}{hint}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gaze-edge")
 @click.option("--verbose", is_flag=True, help="Show tracebacks and llama.cpp's log.")
 def main(verbose: bool) -> None:
@@ -99,11 +121,91 @@ def runtime_build() -> None:
 # --------------------------------------------------------------------------- chat / info
 
 
-def _load_model(model_dir: str | None, threads: int | None, verbose: bool):
+def _load_model(model_path: str | None, threads: int | None, verbose: bool, *, mmproj: str | None = None,
+                n_ctx: int | None = None, gpu_layers: int = 0, image_min_tokens: int | None = None,
+                image_max_tokens: int | None = None):
     from gaze_edge.default_model import default_model_dir
     from gaze_edge.runtime.model import GazeModel
 
-    return GazeModel.load(model_dir or default_model_dir(), n_threads=threads, verbose=verbose)
+    if mmproj and not model_path:
+        raise click.UsageError("--mmproj goes with -m/--model")
+    return GazeModel.load(model_path or default_model_dir(), mmproj, n_threads=threads, verbose=verbose,
+                          n_ctx=n_ctx, n_gpu_layers=gpu_layers, image_min_tokens=image_min_tokens,
+                          image_max_tokens=image_max_tokens)
+
+
+def model_options(func):
+    """-m/--model, --mmproj, -c/--ctx-size, -ngl/--gpu-layers, --image-min/max-tokens, --threads."""
+    options = [
+        click.option("-m", "--model", "model_path", type=click.Path(exists=True),
+                     help="A language-model .gguf, or a folder holding one (from `gaze-edge convert`); "
+                          "default: the embedded model."),
+        click.option("--mmproj", type=click.Path(exists=True, dir_okay=False),
+                     help="The vision projector .gguf (default: mmproj-<model file> beside the model, "
+                          "else the only mmproj*.gguf there)."),
+        click.option("-c", "--ctx-size", "ctx_size", type=click.IntRange(0),
+                     help="Context size in tokens (cells); 0 = the model's training context "
+                          "[default: the training context, at most 4096]."),
+        click.option("-ngl", "--gpu-layers", "--n-gpu-layers", "gpu_layers", default=0, show_default=True,
+                     type=click.IntRange(-1), help="Layers offloaded to the GPU; -1 = all."),
+        click.option("--image-min-tokens", type=click.IntRange(1),
+                     help="Fewest visual tokens per image (dynamic-resolution projectors, e.g. Qwen2-VL)."),
+        click.option("--image-max-tokens", type=click.IntRange(1),
+                     help="Most visual tokens per image (dynamic-resolution projectors, e.g. Qwen2-VL)."),
+        click.option("-t", "--threads", type=click.IntRange(1), help="CPU threads (default: physical cores)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def sampling_options(func):
+    """llama.cpp's sampling flags: -n, --temp, --top-k, --top-p, --min-p, penalties, --seed, grammars."""
+    options = [
+        click.option("-n", "--n-predict", "--max-tokens", "max_tokens", default=128, show_default=True,
+                     type=click.IntRange(1), help="Most tokens to generate."),
+        click.option("--temp", "--temperature", "temperature", default=0.0, show_default=True,
+                     type=click.FloatRange(0), help="0 = greedy."),
+        click.option("--top-k", "top_k", default=40, show_default=True, type=click.IntRange(0),
+                     help="Sampling top-k (0 = off). Not gaze: regions kept is --keep-regions."),
+        click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1)),
+        click.option("--min-p", default=0.05, show_default=True, type=click.FloatRange(0, 1)),
+        click.option("--repeat-penalty", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True),
+                     help="1 = off."),
+        click.option("--repeat-last-n", default=64, show_default=True, type=click.IntRange(0)),
+        click.option("--presence-penalty", default=0.0, show_default=True, type=float),
+        click.option("--frequency-penalty", default=0.0, show_default=True, type=float),
+        click.option("-s", "--seed", type=click.IntRange(0, 2**32 - 1),
+                     help="Sampling seed (default: random; with --temp > 0)."),
+        click.option("--stop", multiple=True, help="A string that ends the answer (not shown); repeatable."),
+        click.option("--grammar-file", type=click.Path(exists=True, dir_okay=False),
+                     help="Constrain the answer with a GBNF grammar file."),
+        click.option("-j", "--json-schema", help="Constrain the answer to a JSON schema: JSON text or a .json file."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
+              frequency_penalty, seed, stop, grammar_file, json_schema) -> dict:
+    if grammar_file and json_schema:
+        raise click.UsageError("--grammar-file and --json-schema cannot go together")
+    grammar = Path(grammar_file).read_text() if grammar_file else None
+    schema = None
+    if json_schema:
+        text = Path(json_schema).read_text() if json_schema.endswith(".json") and Path(json_schema).is_file() \
+            else json_schema
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise click.BadParameter(f"not JSON: {e}", param_hint="--json-schema") from None
+        if not isinstance(schema, dict | bool):
+            raise click.BadParameter("a JSON schema is an object", param_hint="--json-schema")
+    return dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty, seed=seed, stop=tuple(stop), grammar=grammar,
+                json_schema=schema)
 
 
 @main.command()
@@ -111,51 +213,61 @@ def _load_model(model_dir: str | None, threads: int | None, verbose: bool):
               help="An image to ask about; repeatable.")
 @click.option("-p", "--prompt", help="The question. Without it: an interactive chat on a terminal, "
               "else the prompt is read from standard input.")
-@click.option("--model", "model_dir", type=click.Path(exists=True),
-              help="A folder from `gaze-edge convert` (default: the embedded default model).")
+@model_options
+@sampling_options
 @click.option("--dense", is_flag=True, help="Attend to every image token (gaze off).")
-@click.option("--top-k", type=click.IntRange(1), help="Regions kept per step (overrides --keep-ratio).")
-@click.option("--keep-ratio", type=click.FloatRange(0, 1, min_open=True), help="Fraction of regions kept.")
+@click.option("--keep-regions", type=click.IntRange(1),
+              help="Gaze: regions kept per step, over all images (overrides --keep-ratio).")
+@click.option("--keep-ratio", type=click.FloatRange(0, 1, min_open=True),
+              help="Gaze: fraction of all regions kept per step.")
 @click.option("--gather", is_flag=True, help="Gather the kept K/V rows instead of masking the cache (same "
                                              "selection; faster on CPUs at small keep ratios with many images).")
-@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(1))
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0),
-              help="0 = greedy.")
-@click.option("--seed", type=int, help="Sampling seed (with --temperature > 0).")
-@click.option("--threads", type=click.IntRange(1), help="CPU threads (default: physical cores).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the answer with token counts, timings and the visual KV fraction as JSON.")
 @click.option("--gaze-map", type=click.Path(dir_okay=False),
               help="Write where the model looked, per generated token: .png (grid) or .gif.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
-def chat(images, prompt, model_dir, dense, top_k, keep_ratio, gather, max_tokens, temperature, seed, threads,
-         as_json, gaze_map) -> None:
-    """Ask a model about images: one answer, or an interactive chat."""
+def chat(images, prompt, model_path, mmproj, ctx_size, gpu_layers, image_min_tokens, image_max_tokens, threads,
+         dense, keep_regions, keep_ratio, gather, as_json, gaze_map, quiet, **sampling) -> None:
+    """Ask a model about images: one answer, or an interactive chat that keeps its context.
+
+    In the interactive chat: /image PATH attaches an image to the next message, /clear starts over,
+    /exit (or an empty line, or Ctrl-D) quits.
+    """
     from gaze_edge.errors import GazeEdgeError
     from gaze_edge.images import load_image
+    from gaze_edge.progress import prompt_progress
 
-    if dense and (top_k or keep_ratio or gather):
-        raise click.UsageError("--dense cannot go with --top-k, --keep-ratio or --gather")
+    if dense and (keep_regions or keep_ratio or gather):
+        raise click.UsageError("--dense cannot go with --keep-regions, --keep-ratio or --gather")
     if gaze_map and dense:
         raise click.UsageError("--gaze-map needs gaze: drop --dense")
     if gaze_map and not images:
         raise click.UsageError("--gaze-map needs an --image")
     if gaze_map and not gaze_map.lower().endswith((".png", ".gif")):
         raise click.UsageError("--gaze-map must end in .png or .gif")
+    sampling = _sampling(**sampling)
     pictures = [load_image(p) for p in images]  # image errors before the model loads
     verbose = bool(click.get_current_context().find_root().params.get("verbose"))
-    model = _load_model(model_dir, threads, verbose)
+    model = _load_model(model_path, threads, verbose, mmproj=mmproj, n_ctx=ctx_size, gpu_layers=gpu_layers,
+                        image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens)
     if gaze_map and model.gaze_defaults().region_h is None:
         raise GazeEdgeError("--gaze-map needs a gaze model (this one has no gaze regions)")
-    options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed,
-                   gaze=False if dense else None, top_k=top_k, keep_ratio=keep_ratio, gather=gather)
+    options = dict(sampling, gaze=False if dense else None, keep_regions=keep_regions, keep_ratio=keep_ratio,
+                   gather=gather, progress=prompt_progress(quiet))
     interactive = prompt is None and sys.stdin.isatty() and not as_json
     if prompt is None and not interactive:
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise click.UsageError("no prompt: pass -p PROMPT or pipe one on standard input")
     if interactive:
-        _interactive(model, pictures, options)
+        from gaze_edge.interactive import run_interactive
+
+        run_interactive(model, images=pictures, options=options,
+                        read=lambda: click.prompt("you", default="", show_default=False, prompt_suffix="> "),
+                        write=lambda piece: click.echo(piece, nl=False),
+                        warn=lambda line: click.echo(line, err=True))
         return
     result = model.chat(prompt, images=pictures, trace=bool(gaze_map) or as_json, **options)
     if gaze_map:
@@ -166,30 +278,6 @@ def chat(images, prompt, model_dir, dense, top_k, keep_ratio, gather, max_tokens
                                "gaze_map": gaze_map}, indent=2))
     else:
         click.echo(result.text.strip())
-
-
-def _interactive(model, pictures, options) -> None:
-    click.echo("gaze-edge chat: empty line or Ctrl-D to quit.", err=True)
-    messages: list[dict] = []
-    while True:
-        try:
-            line = click.prompt("you", default="", show_default=False, prompt_suffix="> ")
-        except (EOFError, click.Abort):
-            break
-        if not line.strip():
-            break
-        messages.append({"role": "user", "content": line})
-        first = len(messages) == 1
-        pieces = model.chat(messages, images=pictures if first else (), stream=True, **options)
-        answer = ""
-        for piece in pieces:
-            answer += piece
-            click.echo(piece, nl=False)
-        click.echo()
-        if first and pictures:  # the images belong to the first question from now on
-            messages[0] = {"role": "user", "content": [{"type": "image", "image": p} for p in pictures]
-                           + [{"type": "text", "text": line}]}
-        messages.append({"role": "assistant", "content": answer.strip()})
 
 
 def _write_gaze_map(result, picture, path: str) -> None:
@@ -242,22 +330,19 @@ def info(model_dir: str | None, as_json: bool) -> None:
 @click.option("-p", "--prompt", default="Describe the image.", show_default=True, help="Asked of every image.")
 @click.option("--jsonl", required=True, type=click.Path(dir_okay=False),
               help="Output: one JSON line per image, appended as each is done; rerunning resumes it.")
-@click.option("-m", "--model", "model_path", type=click.Path(exists=True),
-              help="A folder from `gaze-edge convert` or a language-model .gguf (default: the embedded model).")
-@click.option("--mmproj", type=click.Path(exists=True, dir_okay=False),
-              help="The vision projector .gguf, when --model is a .gguf file.")
+@model_options
 @click.option("-r", "--recursive", is_flag=True, help="Also take the images in sub-folders.")
 @click.option("-n", "--max-tokens", default=128, show_default=True, type=click.IntRange(1))
 @click.option("--temp", "temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 = greedy.")
 @click.option("--seed", type=int, help="Sampling seed (with --temp > 0).")
 @click.option("--dense", is_flag=True, help="Attend to every image token (gaze off).")
 @click.option("--keep-ratio", type=click.FloatRange(0, 1, min_open=True), help="Fraction of regions kept.")
-@click.option("--threads", type=click.IntRange(1), help="CPU threads (default: physical cores).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; no summary line unless an image failed.")
 @click.option("--no-resume", is_flag=True, help="Start the output over instead of skipping images already in it.")
 @handle_errors
-def caption_command(inputs, prompt, jsonl, model_path, mmproj, recursive, max_tokens, temperature, seed, dense,
-                    keep_ratio, threads, quiet, no_resume) -> None:
+def caption_command(inputs, prompt, jsonl, model_path, mmproj, ctx_size, gpu_layers, image_min_tokens,
+                    image_max_tokens, threads, recursive, max_tokens, temperature, seed, dense, keep_ratio, quiet,
+                    no_resume) -> None:
     """Caption many images with one loaded model, one JSON line each.
 
     FILES_OR_DIR: image files (always tried) and folders (their files with an image extension, sorted;
@@ -273,16 +358,12 @@ def caption_command(inputs, prompt, jsonl, model_path, mmproj, recursive, max_to
 
     if dense and keep_ratio:
         raise click.UsageError("--dense cannot go with --keep-ratio")
-    if mmproj and not (model_path and Path(model_path).is_file()):
-        raise click.UsageError("--mmproj goes with a --model .gguf file")
+    if mmproj and not model_path:
+        raise click.UsageError("--mmproj goes with -m/--model")
     find_images(inputs, recursive=recursive)  # "no images found" before the model loads
     verbose = bool(click.get_current_context().find_root().params.get("verbose"))
-    if mmproj:
-        from gaze_edge.runtime.model import GazeModel
-
-        model = GazeModel.load(model_path, mmproj, n_threads=threads, verbose=verbose)
-    else:
-        model = _load_model(model_path, threads, verbose)
+    model = _load_model(model_path, threads, verbose, mmproj=mmproj, n_ctx=ctx_size, gpu_layers=gpu_layers,
+                        image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens)
     summary = caption(model, inputs, jsonl=jsonl, prompt=prompt, resume=not no_resume, recursive=recursive,
                       progress=False if quiet else None, max_tokens=max_tokens, temperature=temperature,
                       seed=seed, gaze=False if dense else None, keep_ratio=keep_ratio)
@@ -321,7 +402,8 @@ def convert(src: str, outdir: str, outtype: str, name: str | None) -> None:
 @click.option("--region", default="2x2", show_default=True, help="Region size HxW in grid tokens.")
 @click.option("--context-tokens", default=1, show_default=True, type=click.IntRange(0, 64))
 @click.option("--keep-ratio", default=0.25, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="> 0 overrides --keep-ratio.")
+@click.option("--keep-regions", "top_k", default=0, show_default=True, type=click.IntRange(0),
+              help="Regions kept per step (the checkpoint's gaze top_k); > 0 overrides --keep-ratio.")
 @handle_errors
 def make_gaze(src: str, dst: str, region: str, context_tokens: int, keep_ratio: float, top_k: int) -> None:
     """Turn a dense HF checkpoint into a gaze checkpoint ("training-free" gaze).

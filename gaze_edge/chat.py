@@ -1,22 +1,20 @@
-"""Chat on a GazeModel: the model's own chat template, images in place, sampling, traces.
+"""Chat on a GazeModel: messages, the model's own chat template, images in place, results.
 
-``GazeModel.chat`` calls :func:`chat`. Each call evaluates the whole conversation in a fresh
-session (a llama.cpp context of its own), so calls are independent; a conversation is continued
-by passing the growing message list again.
+``GazeModel.chat`` calls :func:`chat`, which answers from the model's pool of warm conversations
+(gaze_edge.conversation): a conversation is continued by passing the growing message list again,
+and only what is new since the last call is evaluated.
 """
 
 from __future__ import annotations
 
-import os
-import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from gaze_edge.errors import ContextOverflowError, GazeEdgeError
-from gaze_edge.images import load_image
+from gaze_edge.errors import GazeEdgeError
 
 # How chat templates spell "an image goes here", most specific first. The rendered prompt is
 # split at these and each image is evaluated by mtmd, which adds any begin/end-of-image tokens.
@@ -43,11 +41,12 @@ class ChatResult:
 
     text: str
     steps: list[ChatStep]
-    n_prompt_tokens: int
+    n_prompt_tokens: int  # context cells of the whole prompt (an image counts its grid and context tokens)
     prompt_seconds: float
     generate_seconds: float
-    finish_reason: str  # "stop" (end of generation token) or "length" (max_tokens)
+    finish_reason: str  # "stop" (end of generation, or a stop string) or "length" (max_tokens, context full)
     images: list[Any] = field(default_factory=list)  # gaze_edge.runtime.session.SessionImage
+    n_cached_tokens: int = 0  # of n_prompt_tokens, those reused from the cache (not evaluated)
 
     @property
     def n_generated_tokens(self) -> int:
@@ -66,6 +65,7 @@ class ChatResult:
             "text": self.text,
             "finish_reason": self.finish_reason,
             "prompt_tokens": self.n_prompt_tokens,
+            "cached_tokens": self.n_cached_tokens,
             "generated_tokens": self.n_generated_tokens,
             "prompt_seconds": round(self.prompt_seconds, 4),
             "generate_seconds": round(gen, 4),
@@ -83,24 +83,60 @@ def normalize_messages(messages_or_prompt: str | Sequence[dict], images: Sequenc
     if isinstance(messages_or_prompt, str):
         messages = [{"role": "user", "content": messages_or_prompt}]
     else:
-        messages = [dict(m) for m in messages_or_prompt]
+        messages = [dict(m) if isinstance(m, dict) else m for m in messages_or_prompt]
     if not messages:
         raise GazeEdgeError("no messages to answer")
-    for m in messages:
-        if m.get("role") not in ("system", "user", "assistant"):
-            raise GazeEdgeError(f"unknown message role {m.get('role')!r}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            role = m.get("role") if isinstance(m, dict) else type(m).__name__
+            raise GazeEdgeError(f"message {i}: unknown role {role!r} (system, user or assistant)")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        if isinstance(content, str):
+            # as a text part: templates that read only lists of parts (llava-hf's) drop plain strings
+            messages[i] = {**m, "content": [{"type": "text", "text": content}]}
+        elif isinstance(content, list | tuple):
+            messages[i] = {**m, "content": [_content_item(i, item) for item in content]}
+        else:
+            raise GazeEdgeError(f"message {i}: content must be text or a list of parts, not {type(content).__name__}")
     if images:
         last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
         if last is None:
             raise GazeEdgeError("images need a user message to go with")
-        content = messages[last]["content"]
-        items = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
         messages[last] = {**messages[last],
-                          "content": [{"type": "image", "image": im} for im in images] + items}
+                          "content": [{"type": "image", "image": im} for im in images] + messages[last]["content"]}
     return messages
 
 
-def _split_prompt(prompt: str, n_images: int) -> list[str]:
+def _content_item(i: int, item) -> dict:
+    """One content part in the HF form: {"type": "text", "text"} or {"type": "image", "image"}.
+    Also takes OpenAI's {"type": "image_url", "image_url": {"url"}} and {"type": "image",
+    "url" | "path"}; the image itself may be anything gaze_edge.images.load_image takes."""
+    if isinstance(item, str):
+        return {"type": "text", "text": item}
+    if not isinstance(item, dict):
+        raise GazeEdgeError(f"message {i}: a content part must be an object, not {type(item).__name__}")
+    kind = item.get("type")
+    if kind == "text":
+        if not isinstance(item.get("text"), str):
+            raise GazeEdgeError(f"message {i}: a text part needs a 'text' string")
+        return item
+    if kind == "image_url":
+        url = item.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not url:
+            raise GazeEdgeError(f"message {i}: an image_url part needs image_url.url")
+        return {"type": "image", "image": url}
+    if kind == "image":
+        source = next((item[k] for k in ("image", "url", "path") if item.get(k) is not None), None)
+        if source is None:
+            raise GazeEdgeError(f"message {i}: an image part needs 'image', 'url' or 'path'")
+        return {"type": "image", "image": source}
+    raise GazeEdgeError(f"message {i}: unknown content part type {kind!r} (text, image or image_url)")
+
+
+def split_prompt(prompt: str, n_images: int) -> list[str]:
     """The rendered prompt cut at its image placeholders: n_images + 1 text pieces."""
     for placeholder in IMAGE_PLACEHOLDERS:
         if prompt.count(placeholder) == n_images and (n_images == 0 or placeholder in prompt):
@@ -112,20 +148,24 @@ def _split_prompt(prompt: str, n_images: int) -> list[str]:
 
 
 def render_prompt(model, messages: list[dict]) -> tuple[str, list[Any]]:
-    """The model's chat template applied to messages; returns (prompt, images in order)."""
-    import jinja2  # a dependency of llama-cpp-python
+    """The model's chat template applied to messages, as transformers renders it (a model without
+    a template gets its family's usual one, with a warning once); returns (prompt, images in order)."""
+    from gaze_edge.templates import render_chat
 
-    template = model.meta("tokenizer.chat_template")
-    if not template:
-        raise GazeEdgeError("the model has no chat template (tokenizer.chat_template in its GGUF)")
     images = [item["image"] for m in messages if not isinstance(m["content"], str)
               for item in m["content"] if item.get("type") == "image"]
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    prompt = env.from_string(template).render(
-        messages=messages, add_generation_prompt=True,
+    prompt, warning = render_chat(
+        model.meta("tokenizer.chat_template"), messages, arch=model.arch,
         bos_token=_special_text(model, "bos"), eos_token=_special_text(model, "eos"),
     )
+    if warning and not getattr(model, "_warned_template", False):
+        model._warned_template = True
+        warnings.warn(warning, TemplateWarning, stacklevel=3)
     return prompt, images
+
+
+class TemplateWarning(UserWarning):
+    """The model has no chat template of its own: a family default is used."""
 
 
 def _special_text(model, which: str) -> str:
@@ -136,106 +176,6 @@ def _special_text(model, which: str) -> str:
     return model.detokenize([tok], special=True) if tok >= 0 else ""
 
 
-def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0; otherwise nucleus sampling of softmax(logits / temperature)."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    order = np.argsort(-p)
-    keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
-    q = p[keep] / p[keep].sum()
-    return int(keep[rng.choice(len(keep), p=q)])
-
-
-def chat(
-    model,
-    messages_or_prompt: str | Sequence[dict],
-    *,
-    image: str | os.PathLike | Any | None = None,
-    images: Sequence[Any] = (),
-    max_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 0.95,
-    seed: int | None = None,
-    stream: bool = False,
-    gaze: bool | None = None,
-    top_k: int | None = None,
-    keep_ratio: float | None = None,
-    gather: bool = False,
-    trace: bool = False,
-    n_ctx: int | None = None,
-) -> ChatResult | Iterator[str]:
+def chat(model, messages_or_prompt: str | Sequence[dict], **options) -> ChatResult | Iterator[str]:
     """Answer a prompt or a conversation; see ``GazeModel.chat``."""
-    n_ctx = n_ctx or min(4096, max(512, model.n_ctx_train))
-    if max_tokens < 1:
-        raise GazeEdgeError(f"max_tokens must be >= 1, got {max_tokens}")
-    if temperature < 0 or not (0 < top_p <= 1):
-        raise GazeEdgeError("temperature must be >= 0 and top_p in (0, 1]")
-    all_images = ([image] if image is not None else []) + list(images)
-    messages = normalize_messages(messages_or_prompt, all_images)
-    run = _run(model, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-               gaze=gaze, top_k=top_k, keep_ratio=keep_ratio, gather=gather, trace=trace, n_ctx=n_ctx)
-    if stream:
-        return (piece for piece in run if isinstance(piece, str))
-    for item in run:
-        if isinstance(item, ChatResult):
-            return item
-    raise AssertionError("unreachable: the generation loop always ends with a result")
-
-
-def _run(model, messages, *, max_tokens, temperature, top_p, seed, gaze, top_k, keep_ratio, gather, trace, n_ctx):
-    """Generator: text pieces as they are decoded, then the ChatResult."""
-    prompt, images = render_prompt(model, messages)
-    pieces = _split_prompt(prompt, len(images))
-    decoded = [load_image(im) for im in images]  # all errors before any compute
-    is_gaze_model = model.gaze_defaults().region_h is not None
-    use_gaze = is_gaze_model if gaze is None else gaze
-    rng = np.random.default_rng(seed)
-    with model.lock, model.session(gaze=use_gaze, top_k=top_k, keep_ratio=keep_ratio, gather=gather, trace=trace,
-                                   n_ctx=n_ctx) as s:
-        t0 = time.perf_counter()
-        for i, text in enumerate(pieces):
-            if text:
-                _check_room(s, len(model.tokenize(text)), n_ctx)
-                s.add_text(text)
-            if i < len(decoded):
-                s.add_image(decoded[i])
-        n_prompt = s.n_past
-        logits = s.logits()
-        t1 = time.perf_counter()
-        steps: list[ChatStep] = []
-        tokens: list[int] = []
-        emitted = ""
-        finish = "length"
-        chose_it = None  # the selection whose logits picked the next token
-        for _ in range(max_tokens):
-            tok = sample(logits, temperature, top_p, rng)
-            if model.is_eog(tok):
-                finish = "stop"
-                break
-            if s.n_past + 1 > n_ctx:
-                raise ContextOverflowError(f"the answer reached the context size ({n_ctx} tokens)")
-            tokens.append(tok)
-            text = model.detokenize(tokens)
-            piece = text[len(emitted):] if not text.endswith("\ufffd") else ""
-            emitted += piece
-            if piece:
-                yield piece
-            steps.append(ChatStep(tok, model.detokenize([tok]), chose_it))
-            logits = s.append(tok)
-            chose_it = s.trace() if trace else None
-        t2 = time.perf_counter()
-        final = model.detokenize(tokens)
-        if final != emitted and final.startswith(emitted):
-            yield final[len(emitted):]
-        yield ChatResult(text=final, steps=steps, n_prompt_tokens=n_prompt, prompt_seconds=t1 - t0,
-                         generate_seconds=t2 - t1, finish_reason=finish, images=list(s.images))
-
-
-def _check_room(session, n_new: int, n_ctx: int) -> None:
-    if session.n_past + n_new >= n_ctx:
-        raise ContextOverflowError(
-            f"the conversation does not fit the context: {session.n_past + n_new} tokens > {n_ctx - 1}"
-        )
+    return model.conversations.chat(messages_or_prompt, **options)

@@ -193,7 +193,7 @@ def test_caption_images_yields_dicts_and_needs_vision(tmp_path):
         (["IMG", "--jsonl", "o.jsonl", "--keep-ratio", "0"], "--keep-ratio"),
         (["IMG", "--jsonl", "o.jsonl", "-n", "0"], "--max-tokens"),
         (["IMG", "--jsonl", "o.jsonl", "--temp", "-1"], "--temp"),
-        (["IMG", "--jsonl", "o.jsonl", "--mmproj", "IMG"], "--mmproj goes with a --model .gguf file"),
+        (["IMG", "--jsonl", "o.jsonl", "--mmproj", "IMG"], "--mmproj goes with -m/--model"),
         (["IMG", "--jsonl", "o.jsonl", "--frobnicate"], "No such option"),
     ],
 )

@@ -41,7 +41,7 @@ def test_default_model_describes_the_example(model):
 def test_gaze_settings_and_dense(model):
     dense = model.chat(PROMPT, image=SCENE, gaze=False, trace=True)
     assert dense.text.strip() == TRUTH and dense.visual_kv_fraction is None
-    one = model.chat(PROMPT, image=SCENE, top_k=1, trace=True, max_tokens=4)
+    one = model.chat(PROMPT, image=SCENE, keep_regions=1, trace=True, max_tokens=4)
     assert one.visual_kv_fraction == pytest.approx(4 / 196)
     half = model.chat(PROMPT, image=SCENE, keep_ratio=0.5, trace=True, max_tokens=4)
     assert half.visual_kv_fraction == pytest.approx(25 * 4 / 196)
@@ -152,11 +152,22 @@ def test_cli_bad_images(tmp_path, make, message):
     assert message in line
 
 
-def test_cli_bad_flags():
-    for args in (["--top-k", "0"], ["--keep-ratio", "2"], ["--dense", "--top-k", "3"], ["--dense", "--gather"],
-                 ["--gaze-map", "m.jpg"], ["--max-tokens", "-1"]):
-        result = CliRunner().invoke(main, ["chat", "--image", str(SCENE), "-p", "hi", *args])
-        assert result.exit_code == 2, (args, result.output)
+BAD_FLAGS = [
+    ["--keep-regions", "0"], ["--keep-ratio", "2"], ["--dense", "--keep-regions", "3"], ["--dense", "--gather"],
+    ["--gaze-map", "m.jpg"], ["--max-tokens", "-1"], ["-n", "0"], ["-c", "-1"], ["--ctx-size", "x"],
+    ["--temp", "-1"], ["--top-k", "-1"], ["--top-p", "1.5"], ["--min-p", "-0.1"], ["--repeat-penalty", "0"],
+    ["--repeat-last-n", "-2"], ["--seed", "-1"], ["-ngl", "-2"], ["--image-min-tokens", "0"],
+    ["--image-max-tokens", "x"], ["--json-schema", "{not json"], ["--json-schema", "[1]"],
+    ["--grammar-file", "missing.gbnf"], ["--mmproj", __file__], ["-m", "no/such/model.gguf"],
+]
+
+
+@pytest.mark.parametrize("args", BAD_FLAGS, ids=" ".join)
+def test_cli_bad_flags_give_one_line_and_exit_2(args):
+    result = CliRunner().invoke(main, ["chat", "--image", str(SCENE), "-p", "hi", *args])
+    assert result.exit_code == 2, (args, result.output)
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gaze-edge: error: "), result.output
 
 
 def test_cli_model_folder_with_missing_or_mismatched_files(tmp_path):

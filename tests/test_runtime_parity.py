@@ -87,7 +87,7 @@ def run(model, vlm, family: str, settings: dict, gather: bool, kv_type: str = "f
     from gaze_edge.runtime.session import SessionImage
 
     _, sizes, (before, between, after) = FAMILIES[family]
-    s = model.session(top_k=settings.get("top_k"), keep_ratio=settings.get("keep_ratio"),
+    s = model.session(keep_regions=settings.get("top_k"), keep_ratio=settings.get("keep_ratio"),
                       score_mode=settings.get("score_mode"), gather=gather, kv_type=kv_type)
     s.add_text(before)
     s.add_image(Image.fromarray(image(*sizes[0], seed=0)), keep_embeddings=True)

@@ -70,7 +70,7 @@ def test_model_files_from_a_folder_or_two_files(paths, tmp_path):
 
     _, llm, mmproj = paths
     assert find_model_files(llm.parent) == find_model_files(llm, mmproj)
-    assert find_model_files(llm).mmproj is None
+    assert find_model_files(llm) == find_model_files(llm, mmproj)  # paired by name
     with pytest.raises(ModelFilesError, match="exactly one language-model"):
         find_model_files(tmp_path)
     with pytest.raises(ModelFilesError, match="no such"):
@@ -80,7 +80,7 @@ def test_model_files_from_a_folder_or_two_files(paths, tmp_path):
 def test_the_model_reports_the_gaze_settings_of_its_checkpoint(model):
     d = model.gaze_defaults()
     assert (d.region_h, d.region_w, d.n_context_tokens) == (2, 2, 2)
-    assert (d.top_k, d.score_mode) == (0, "gqa_mean")
+    assert (d.keep_regions, d.score_mode) == (0, "gqa_mean")
     assert d.keep_ratio == pytest.approx(0.25)
 
 
@@ -118,7 +118,7 @@ def test_top_k_of_all_regions_is_the_dense_step_bit_for_bit(model):
         dense = decode(s, 6)
         assert s.trace() is None
     for mode in ("gqa_mean", "per_head", "layer_mean"):
-        with model.session(top_k=N_REGIONS, score_mode=mode) as s:
+        with model.session(keep_regions=N_REGIONS, score_mode=mode) as s:
             prompt(s)
             steps = decode(s, 6)
             assert s.trace().k == N_REGIONS
@@ -130,7 +130,7 @@ def test_gather_mode_with_all_regions_matches_dense(model):
     with model.session(gaze=False) as s:
         prompt(s)
         dense = np.stack(decode(s, 6))
-    with model.session(top_k=N_REGIONS, gather=True) as s:
+    with model.session(keep_regions=N_REGIONS, gather=True) as s:
         prompt(s)
         steps = np.stack(decode(s, 6))
     # flash attention sums an F16 V cache in F16; gather reads the same F16 rows in another order, which
@@ -143,11 +143,11 @@ def test_gather_mode_with_all_regions_matches_dense(model):
     "settings, n_sel, k",
     [
         ({}, "kv", math.ceil(0.25 * N_REGIONS)),  # the GGUF's keep_ratio
-        ({"top_k": 1}, "kv", 1),
+        ({"keep_regions": 1}, "kv", 1),
         ({"keep_ratio": 0.5}, "kv", 8),
-        ({"top_k": 3, "score_mode": "per_head"}, "q", 3),
-        ({"top_k": 3, "score_mode": "layer_mean"}, "kv", 3),
-        ({"top_k": 3, "gather": True}, "kv", 3),
+        ({"keep_regions": 3, "score_mode": "per_head"}, "q", 3),
+        ({"keep_regions": 3, "score_mode": "layer_mean"}, "kv", 3),
+        ({"keep_regions": 3, "gather": True}, "kv", 3),
     ],
 )
 def test_a_generated_token_gazes_at_k_regions_per_layer_and_head(model, settings, n_sel, k):
@@ -170,7 +170,7 @@ def test_gaze_changes_generated_tokens_only(model):
         prompt(s)
         first_dense = s.logits()
         dense = decode(s, 3)
-    with model.session(top_k=1) as s:
+    with model.session(keep_regions=1) as s:
         prompt(s)
         assert s.logits().tobytes() == first_dense.tobytes()  # the prompt is dense
         gazed = decode(s, 3)
@@ -183,7 +183,7 @@ def test_a_sequence_without_image_is_dense(model):
     with model.session(gaze=False) as s:
         s.add_text("USER: hello\nASSISTANT:")
         dense = decode(s, 3)
-    with model.session(top_k=1) as s:
+    with model.session(keep_regions=1) as s:
         s.add_text("USER: hello\nASSISTANT:")
         gazed = decode(s, 3)
         assert s.trace() is None
@@ -195,7 +195,7 @@ def test_q8_0_cache(model):
     with model.session(gaze=False, kv_type="q8_0") as s:
         prompt(s)
         dense = np.stack(decode(s, 4))
-    with model.session(top_k=N_REGIONS, kv_type="q8_0") as s:
+    with model.session(keep_regions=N_REGIONS, kv_type="q8_0") as s:
         prompt(s)
         steps = np.stack(decode(s, 4))
         assert s.trace().k == N_REGIONS
@@ -205,7 +205,7 @@ def test_q8_0_cache(model):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"top_k": -1}, "top_k"),
+        ({"keep_regions": -1}, "keep_regions"),
         ({"keep_ratio": 0.0}, "keep_ratio"),
         ({"keep_ratio": 1.5}, "keep_ratio"),
         ({"score_mode": "max"}, "score_mode"),
@@ -218,7 +218,7 @@ def test_invalid_settings_are_refused(model, kwargs, match):
 
 
 def test_settings_reach_the_context(model):
-    with model.session(top_k=5, score_mode="per_head") as s:
+    with model.session(keep_regions=5, score_mode="per_head") as s:
         assert s.gaze and s.selection()[0] == 5 and s.score_mode == "per_head"
     with model.session(keep_ratio=0.5) as s:
         assert s.selection() == (0, 0.5)
@@ -257,7 +257,7 @@ def test_rewind_cannot_cut_an_image(model):
 
 def test_configure_switches_modes_on_one_cache(model):
     """Dense after a gaze step on the same session equals a dense session; gaze after dense equals
-    a gaze session; keep_ratio clears top_k."""
+    a gaze session; keep_ratio clears keep_regions."""
     with model.session(gaze=False) as dense, model.session() as gazing:
         prompt(dense)
         prompt(gazing)
@@ -269,7 +269,7 @@ def test_configure_switches_modes_on_one_cache(model):
         s.configure(gaze=False)
         assert np.array_equal(s.append(7), want_dense) and s.trace() is None
         s.rewind(1)
-        s.configure(gaze=True, top_k=2)
+        s.configure(gaze=True, keep_regions=2)
         assert s.selection()[0] == 2
         s.configure(keep_ratio=0.25)
         assert s.selection() == (0, 0.25)

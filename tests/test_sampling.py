@@ -131,11 +131,11 @@ def model():
 
 def prompt_session(model, image=SCENE, prompt=PROMPT):
     """A dense session holding the chat prompt (the model's template) with one image."""
-    from gaze_edge.chat import _split_prompt, normalize_messages, render_prompt
+    from gaze_edge.chat import normalize_messages, render_prompt, split_prompt
 
     text, images = render_prompt(model, normalize_messages(prompt, [image]))
     s = model.session(gaze=False)
-    for i, piece in enumerate(_split_prompt(text, len(images))):
+    for i, piece in enumerate(split_prompt(text, len(images))):
         if piece:
             s.add_text(piece)
         if i < len(images):

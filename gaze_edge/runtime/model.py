@@ -1,7 +1,7 @@
 """``GazeModel``: a converted model (language-model GGUF + mmproj GGUF) in the patched llama.cpp.
 
     model = GazeModel.load("out/")                # a folder from `gaze-edge convert`, or the two files
-    with model.session(top_k=8) as s:             # one sequence in its own llama.cpp context
+    with model.session(keep_regions=8) as s:            # one sequence in its own llama.cpp context
         s.add_image("scene.png"); s.add_text("Describe the image.")
         tok = int(s.logits().argmax())            # the dense prompt chooses the first token
         logits = s.append(tok)                    # a generated token: gaze applies
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gaze_edge import gguf_names
-from gaze_edge.runtime import bindings
+from gaze_edge.runtime import bindings, logs
 
 llama_cpp = bindings._llama_cpp
 mtmd_cpp = bindings._mtmd_cpp
@@ -44,40 +44,52 @@ class ModelFiles:
 def find_model_files(path: str | os.PathLike, mmproj: str | os.PathLike | None = None) -> ModelFiles:
     """The two GGUF files of a model.
 
-    path: a folder holding one ``<name>-<outtype>.gguf`` and its ``mmproj-<name>-<outtype>.gguf``
-      (what ``gaze-edge convert`` writes), or the language-model GGUF itself.
-    mmproj: the projector GGUF, when ``path`` is a file (optional: text only without it).
+    path: the language-model GGUF, or a folder holding exactly one (what ``gaze-edge convert``
+      writes: ``<name>-<outtype>.gguf`` and ``mmproj-<name>-<outtype>.gguf``). A folder with
+      several quantizations names them all: pass the one to use as a file.
+    mmproj: the projector GGUF. Without it, the projector is found beside the model: the file
+      ``mmproj-<model file name>``, else the only ``mmproj*.gguf`` there; several candidates are
+      listed (pass one with mmproj); none: a text-only model.
     """
     path = Path(path).expanduser()
+    if mmproj is not None:
+        mmproj = Path(mmproj).expanduser()
+        if not mmproj.is_file():
+            raise ModelFilesError(f"no such mmproj file: {mmproj}")
     if path.is_dir():
-        if mmproj is not None:
-            raise ModelFilesError("give mmproj only with a language-model file, not with a folder")
         ggufs = sorted(p for p in path.glob("*.gguf") if p.is_file())
-        projectors = [p for p in ggufs if p.name.startswith(_MMPROJ_PREFIX)]
-        models = [p for p in ggufs if not p.name.startswith(_MMPROJ_PREFIX)]
+        models = [p for p in ggufs if not _is_projector(p)]
         if len(models) != 1:
             found = ", ".join(p.name for p in models) or "none"
-            raise ModelFilesError(f"{path} must hold exactly one language-model .gguf (found: {found})")
-        want = path / f"{_MMPROJ_PREFIX}{models[0].name}"
-        if want.is_file():
-            return ModelFiles(models[0], want)
-        if len(projectors) == 1:
-            return ModelFiles(models[0], projectors[0])
-        found = ", ".join(p.name for p in projectors) or "none"
-        raise ModelFilesError(f"{path} has no {want.name} (projectors found: {found})")
-    if not path.is_file():
+            raise ModelFilesError(f"{path} must hold exactly one language-model .gguf (found: {found}); "
+                                  "pass the one to use as -m FILE")
+        path = models[0]
+    elif not path.is_file():
         raise ModelFilesError(f"no such model file or folder: {path}")
-    if mmproj is not None and not Path(mmproj).expanduser().is_file():
-        raise ModelFilesError(f"no such mmproj file: {mmproj}")
-    return ModelFiles(path, Path(mmproj).expanduser() if mmproj is not None else None)
+    elif _is_projector(path):
+        raise ModelFilesError(f"{path.name} is a projector (mmproj); give the language model, and this with --mmproj")
+    if mmproj is not None:
+        return ModelFiles(path, mmproj)
+    want = path.parent / f"{_MMPROJ_PREFIX}{path.name}"
+    if want.is_file():
+        return ModelFiles(path, want)
+    projectors = sorted(p for p in path.parent.glob("*.gguf") if p.is_file() and _is_projector(p))
+    if len(projectors) == 1:
+        return ModelFiles(path, projectors[0])
+    if len(projectors) > 1:
+        raise ModelFilesError(f"several projectors beside {path.name}: {', '.join(p.name for p in projectors)}; "
+                              "pass one with --mmproj")
+    return ModelFiles(path, None)
 
 
-def _set_verbose(verbose: bool) -> None:
-    """llama.cpp and mtmd log through llama-cpp-python's logger: errors only unless verbose."""
-    from llama_cpp import _logger
+def _is_projector(path: Path) -> bool:
+    return path.name.lower().startswith(_MMPROJ_PREFIX.rstrip("-"))
 
-    _logger.set_verbose(verbose)
-    mtmd_cpp.mtmd_helper_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+def _why() -> str:
+    """": <what llama.cpp logged as errors>" or "" (gaze_edge.runtime.logs)."""
+    said = logs.take_errors()
+    return f": {said}" if said else ""
 
 
 def _default_threads() -> int:
@@ -91,7 +103,7 @@ class GazeDefaults:
     region_h: int | None
     region_w: int | None
     n_context_tokens: int
-    top_k: int
+    keep_regions: int  # the GGUF's gaze top_k: regions kept per step, 0 = use keep_ratio
     keep_ratio: float
     score_mode: str
 
@@ -99,15 +111,22 @@ class GazeDefaults:
 class GazeModel:
     """A language model and its vision projector, loaded once; ``session()`` evaluates sequences."""
 
-    def __init__(self, files: ModelFiles, model_p, mtmd_p, n_threads: int, n_gpu_layers: int) -> None:
+    def __init__(self, files: ModelFiles, model_p, mtmd_p, n_threads: int, n_gpu_layers: int,
+                 n_ctx: int | None = None, cached_conversations: int = 2) -> None:
+        from gaze_edge.conversation import ConversationPool
+
         self.files = files
         self._model = model_p
         self._mtmd = mtmd_p
         self.n_threads = n_threads
         self.n_gpu_layers = n_gpu_layers
         self._vocab = llama_cpp.llama_model_get_vocab(model_p)
+        self.n_ctx = n_ctx  # the default context of chats and sessions (None: see default_n_ctx)
         # chat() holds it for a whole answer: one model, any number of threads, one answer at a time
         self.lock = threading.RLock()
+        # the warm conversations chat() answers from (gaze_edge.conversation)
+        self.conversations = ConversationPool(self, cached_conversations)
+        self._footprints: dict[str, tuple[int, int]] = {}
 
     @classmethod
     def load(
@@ -117,44 +136,60 @@ class GazeModel:
         *,
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
+        n_ctx: int | None = None,
+        cached_conversations: int = 2,
+        image_min_tokens: int | None = None,
+        image_max_tokens: int | None = None,
         verbose: bool = False,
     ) -> GazeModel:
         """Load ``path`` (see ``find_model_files``): the language model, then its projector.
         Without a path: the embedded default model (gaze_edge.default_model).
 
-        n_gpu_layers: layers offloaded to a GPU backend (0: CPU only); the projector follows
-          (on the GPU when n_gpu_layers > 0).
+        n_gpu_layers: layers offloaded to a GPU backend (0: CPU only, -1: all); the projector
+          follows (on the GPU when n_gpu_layers != 0).
+        n_ctx: context cells of chats and sessions (None: the training context, at most 4096;
+          0: the training context).
+        image_min_tokens / image_max_tokens: mtmd's bounds on the visual tokens of an image, for
+          projectors with dynamic resolution (Qwen2-VL); None: the projector's defaults.
+        cached_conversations: warm conversations ``chat`` keeps (each one llama.cpp context;
+          ``kv_cache_bytes(n_ctx)`` of KV cache each); 0: every call evaluates cold.
         """
         if path is None:
             from gaze_edge.default_model import default_model_dir
 
             path = default_model_dir()
         files = find_model_files(path, mmproj)
-        _set_verbose(verbose)
+        logs.install(verbose)
+        logs.take_errors()
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
+        mparams.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 2**31 - 1
         # no repacked CPU weight buffers: where the CPU advertises AMX but the OS has not enabled it
         # (the project's build machines), ggml's AMX kernels die with SIGILL; the plain ones compute the same
         mparams.use_extra_bufts = False
         model_p = llama_cpp.llama_model_load_from_file(str(files.model).encode(), mparams)
         if not model_p:
-            raise ModelFilesError(f"llama.cpp could not load {files.model} (not a valid GGUF language model?)")
+            raise ModelFilesError(f"llama.cpp could not load {files.model} (not a valid GGUF language model?){_why()}")
         n_threads = n_threads or _default_threads()
         mtmd_p = None
         if files.mmproj is not None:
             cparams = mtmd_cpp.mtmd_context_params_default()
-            cparams.use_gpu = n_gpu_layers > 0
+            cparams.use_gpu = n_gpu_layers != 0
             cparams.n_threads = n_threads
             cparams.print_timings = False
             cparams.warmup = False
+            if image_min_tokens is not None:
+                cparams.image_min_tokens = int(image_min_tokens)
+            if image_max_tokens is not None:
+                cparams.image_max_tokens = int(image_max_tokens)
             mtmd_p = mtmd_cpp.mtmd_init_from_file(str(files.mmproj).encode(), model_p, cparams)
             if not mtmd_p:
                 llama_cpp.llama_model_free(model_p)
                 raise ModelFilesError(
-                    f"mtmd could not load the projector {files.mmproj} (corrupt, or not made for this model?)"
+                    f"mtmd could not load the projector {files.mmproj} (corrupt, or not made for this model?){_why()}"
                 )
-        return cls(files, model_p, mtmd_p, n_threads, n_gpu_layers)
+        return cls(files, model_p, mtmd_p, n_threads, n_gpu_layers, n_ctx=n_ctx,
+                   cached_conversations=cached_conversations)
 
     @property
     def closed(self) -> bool:
@@ -231,7 +266,7 @@ class GazeModel:
             region_h=rh.value if has_regions else None,
             region_w=rw.value if has_regions else None,
             n_context_tokens=n_ctx.value,
-            top_k=int(top_k) if top_k is not None else 0,
+            keep_regions=int(top_k) if top_k is not None else 0,
             keep_ratio=float(keep_ratio) if keep_ratio is not None else 0.25,
             score_mode=names[int(mode)] if mode is not None else "gqa_mean",
         )
@@ -275,36 +310,75 @@ class GazeModel:
     def n_ctx_train(self) -> int:
         return int(llama_cpp.llama_model_n_ctx_train(self._model))
 
+    def default_n_ctx(self) -> int:
+        """The context of a chat or session when none is given: ``n_ctx`` of ``load`` (0: the
+        training context), else the training context capped at 4096 cells."""
+        if self.n_ctx == 0:
+            return self.n_ctx_train
+        return self.n_ctx or min(4096, max(512, self.n_ctx_train))
+
+    def kv_cache_bytes(self, n_ctx: int, kv_type: str = "f16") -> int:
+        """Bytes of the K and V cache of a context of ``n_ctx`` cells (what each warm conversation
+        holds, allocated when it starts; compute buffers come on top)."""
+        arch = self.arch
+        n_head_kv = self.n_head_kv
+        head_k = self.meta(f"{arch}.attention.key_length")
+        head_v = self.meta(f"{arch}.attention.value_length")
+        default = self.n_embd // max(1, self.n_head)
+        width = n_head_kv * (int(head_k or default) + int(head_v or default))
+        per_value = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}[kv_type]
+        return int(self.n_layer * n_ctx * width * per_value)
+
     # --- chat --------------------------------------------------------------------------------
 
     def chat(self, messages_or_prompt, **kwargs):
         """Answer a prompt or a conversation with the model's own chat template (from its GGUF).
 
         messages_or_prompt: a string, or HF-style messages [{"role": "user", "content": str or
-          [{"type": "image", "image": path_or_PIL}, {"type": "text", "text": ...}]}, ...].
+          [{"type": "image", "image": ...}, {"type": "text", "text": ...}]}, ...]; OpenAI's
+          {"type": "image_url", "image_url": {"url": ...}} parts work too. An image is a path, a
+          PIL image, the bytes of an image file or a data: URL.
         image= / images=: images put before the text of the last user message.
-        max_tokens=256, temperature=0.0 (greedy), top_p=0.95, seed=None.
-        gaze=None (on for gaze models), top_k=None / keep_ratio=None (override the model's).
-        gather=False: gather the kept K/V rows instead of masking the cache (same selection; on
-          the CPU faster at small keep ratios with many image tokens, see docs/BENCHMARKS.md).
+        Sampling (llama.cpp's sampler chain, gaze_edge.sampling.SamplingSettings):
+          max_tokens=256, temperature=0.0 (greedy), top_k=40, top_p=0.95, min_p=0.05,
+          typical_p=1.0, repeat_penalty=1.0, repeat_last_n=64, presence_penalty=0.0,
+          frequency_penalty=0.0, seed=None, stop=() (strings that end the answer, not shown),
+          grammar=None (GBNF), json_schema=None (a dict or JSON text), json_object=False.
+        Gaze: gaze=None (on for gaze models), keep_regions=None (regions kept per step; the
+          spec's gaze top_k) / keep_ratio=None (override the model's); gather=False: gather the
+          kept K/V rows instead of masking the cache (same selection; on the CPU faster at small
+          keep ratios with many image tokens, see docs/BENCHMARKS.md).
         trace=False: True keeps, per generated token, the regions the model looked at.
         stream=False: True returns an iterator of text pieces instead of a ChatResult.
-        n_ctx=None: the context size (default: the model's training context, at most 4096).
+        n_ctx=None: context cells (default: ``default_n_ctx()``; 0: the training context).
+        progress=None: a callable (done, total) told how far the prompt's evaluation is, in cells.
+
+        Warm: calls are answered from a small pool of recent conversations
+        (``self.conversations``, see ``load(cached_conversations=)``): the longest prefix a call
+        shares with a cached one (text tokens, images by their pixels) is not evaluated again,
+        and the answer equals a cold evaluation of the same messages.
 
         Thread safety: a GazeModel may be shared between threads; calls are serialised by
-        ``self.lock`` (each answer runs in a fresh llama.cpp context of its own). A streamed
-        answer holds the lock until the iterator is exhausted or closed.
+        ``self.lock``. A streamed answer holds the lock until the iterator is exhausted or closed.
         """
         from gaze_edge.chat import chat
 
         return chat(self, messages_or_prompt, **kwargs)
+
+    def conversation(self, *, n_ctx: int | None = None, kv_type: str = "f16"):
+        """An explicit warm conversation (its own llama.cpp context): ``conv.chat(messages)``
+        evaluates only what changed since its last call. Close it (or use ``with``) to free it."""
+        from gaze_edge.conversation import Conversation
+
+        self._check_open()
+        return Conversation(self, n_ctx=n_ctx, kv_type=kv_type)
 
     # --- sessions ----------------------------------------------------------------------------
 
     def session(
         self,
         gaze: bool = True,
-        top_k: int | None = None,
+        keep_regions: int | None = None,
         keep_ratio: float | None = None,
         *,
         score_mode: str | None = None,
@@ -317,8 +391,8 @@ class GazeModel:
         """A fresh sequence in its own llama.cpp context (see ``GazeSession``).
 
         gaze: False evaluates every token densely (the context tokens are still there).
-        top_k / keep_ratio / score_mode: override the model's defaults; top_k > 0 takes
-          precedence over keep_ratio (GAZE_SPEC.md, Selection).
+        keep_regions / keep_ratio / score_mode: override the model's defaults; keep_regions > 0
+          (the spec's gaze top_k) takes precedence over keep_ratio (GAZE_SPEC.md, Selection).
         gather: restrict attention by gathering the visible K/V rows instead of masking.
         n_ctx: positions in the context (default: the model's training length, at most 4096).
         kv_type: "f16", "q8_0" or "f32" KV cache (flash attention reads an f32 cache as f16).
@@ -329,11 +403,26 @@ class GazeModel:
 
         self._check_open()
         if n_ctx is None:
-            n_ctx = min(4096, int(llama_cpp.llama_model_n_ctx_train(self._model)))
+            n_ctx = self.default_n_ctx()
         return GazeSession(
-            self, gaze=gaze, top_k=top_k, keep_ratio=keep_ratio, score_mode=score_mode, gather=gather,
+            self, gaze=gaze, keep_regions=keep_regions, keep_ratio=keep_ratio, score_mode=score_mode, gather=gather,
             n_ctx=n_ctx, kv_type=kv_type, trace=trace, eval_callback=eval_callback,
         )
+
+    def image_footprint(self, image, *, key: str | None = None) -> tuple[int, int]:
+        """(KV-cache cells, positions) ``image`` takes in a sequence, without encoding it; ``key``
+        (gaze_edge.images.image_key) caches the answer for images seen before."""
+        from gaze_edge.runtime.session import image_footprint
+
+        self._check_open()
+        if key is not None and key in self._footprints:
+            return self._footprints[key]
+        found = image_footprint(self, image)
+        if key is not None:
+            if len(self._footprints) > 1024:
+                self._footprints.clear()
+            self._footprints[key] = found
+        return found
 
     def image_positions(self, image) -> int:
         """Positions ``image`` (a path or a PIL image) takes in a sequence: its grid, context tokens
@@ -344,6 +433,8 @@ class GazeModel:
         return image_positions(self, image)
 
     def close(self) -> None:
+        if getattr(self, "conversations", None) is not None:
+            self.conversations.close()
         if getattr(self, "_mtmd", None):
             mtmd_cpp.mtmd_free(self._mtmd)
             self._mtmd = None

@@ -13,11 +13,11 @@ import contextlib
 import ctypes
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from gaze_edge import gguf_names
+from gaze_edge.errors import ContextOverflowError
 from gaze_edge.runtime import bindings
 
 llama_cpp = bindings._llama_cpp
@@ -80,12 +80,12 @@ class StepTrace:
 class GazeSession:
     """One sequence in its own llama.cpp context. Use ``GazeModel.session()`` to make one."""
 
-    def __init__(self, model, *, gaze: bool, top_k: int | None, keep_ratio: float | None,
+    def __init__(self, model, *, gaze: bool, keep_regions: int | None, keep_ratio: float | None,
                  score_mode: str | None, gather: bool, n_ctx: int, kv_type: str, trace: bool,
                  eval_callback=None) -> None:
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
-        _check_selection(top_k, keep_ratio, score_mode)
+        _check_selection(keep_regions, keep_ratio, score_mode)
 
         self.model = model
         self.n_ctx = n_ctx
@@ -110,32 +110,36 @@ class GazeSession:
             raise RuntimeError("llama.cpp could not create a context")
         self._batch = llama_cpp.llama_batch_ext_init(self._ctx)
 
-        self.configure(gaze=gaze, top_k=top_k, keep_ratio=keep_ratio, score_mode=score_mode, gather=gather,
-                       trace=trace)
+        self.configure(gaze=gaze, keep_regions=keep_regions, keep_ratio=keep_ratio, score_mode=score_mode,
+                       gather=gather, trace=trace)
 
-        self.n_past = 0
+        self.n_past = 0  # positions used (an M-RoPE image takes fewer positions than cache cells)
+        self.n_cells = 0  # KV-cache cells used (what n_ctx bounds)
         self.images: list[SessionImage] = []
-        # what the sequence holds, in order: token ids, and a SessionImage for each image chunk
+        # what the sequence holds, in order: token ids, and a SessionImage for each image chunk;
+        # _starts[i] = (position, cells used) before history[i]
         self.history: list[int | SessionImage] = []
+        self._starts: list[tuple[int, int]] = []
         self._has_logits = False
         self._n_registered = 0  # image ids are given in registration order, per context
         self._last_step_gazed = False
 
     # --- settings ----------------------------------------------------------------------------
 
-    def configure(self, *, gaze: bool | None = None, top_k: int | None = None, keep_ratio: float | None = None,
-                  score_mode: str | None = None, gather: bool | None = None, trace: bool | None = None) -> None:
+    def configure(self, *, gaze: bool | None = None, keep_regions: int | None = None,
+                  keep_ratio: float | None = None, score_mode: str | None = None, gather: bool | None = None,
+                  trace: bool | None = None) -> None:
         """Change settings; the next generated token uses them (None keeps a setting). As in
-        ``GazeModel.session``: top_k > 0 takes precedence over keep_ratio; giving only keep_ratio
-        clears top_k."""
-        _check_selection(top_k, keep_ratio, score_mode)
+        ``GazeModel.session``: keep_regions > 0 takes precedence over keep_ratio; giving only
+        keep_ratio clears keep_regions."""
+        _check_selection(keep_regions, keep_ratio, score_mode)
         if gaze is not None:
             bindings.llama_gaze_set_enabled(self._ctx, bool(gaze))
-        if top_k is not None or keep_ratio is not None:
+        if keep_regions is not None or keep_ratio is not None:
             cur_k, cur_ratio = self.selection()
             bindings.llama_gaze_set_top_k(
                 self._ctx,
-                top_k if top_k is not None else (0 if keep_ratio is not None else cur_k),
+                keep_regions if keep_regions is not None else (0 if keep_ratio is not None else cur_k),
                 keep_ratio if keep_ratio is not None else cur_ratio,
             )
         if score_mode is not None:
@@ -150,7 +154,8 @@ class GazeSession:
         return bool(bindings.llama_gaze_get_enabled(self._ctx))
 
     def selection(self) -> tuple[int, float]:
-        """(top_k, keep_ratio) in effect (top_k > 0 takes precedence)."""
+        """(keep_regions, keep_ratio) in effect (keep_regions > 0 takes precedence); the C API and
+        GAZE_SPEC.md call keep_regions the gaze top_k."""
         k, ratio = ctypes.c_int32(0), ctypes.c_float(0)
         bindings.llama_gaze_get_top_k(self._ctx, ctypes.byref(k), ctypes.byref(ratio))
         return k.value, ratio.value
@@ -180,7 +185,12 @@ class GazeSession:
         """Evaluate prompt tokens (dense), in batches of n_batch."""
         for i in range(0, len(tokens), self.n_batch):
             self._decode(tokens[i : i + self.n_batch], generated=False)
-        self.history.extend(int(t) for t in tokens)
+
+    def _record(self, item: int | SessionImage, n_pos: int, n_cells: int) -> None:
+        self._starts.append((self.n_past, self.n_cells))
+        self.history.append(item)
+        self.n_past += n_pos
+        self.n_cells += n_cells
 
     def add_image(self, image, *, keep_embeddings: bool = False) -> SessionImage:
         """Evaluate an image (a path or a PIL image) the way mtmd does: any begin/end-of-image text
@@ -209,9 +219,12 @@ class GazeSession:
     def _eval_image_chunk(self, chunk, keep_embeddings: bool) -> SessionImage:
         mtmd_p = self.model._mtmd
         image_tokens = mtmd_cpp.mtmd_input_chunk_get_tokens_image(chunk)
-        n_tokens = int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk))
-        if self.n_past + n_tokens > self.n_ctx:
-            raise RuntimeError(f"the image needs {n_tokens} positions, the context has {self.n_ctx - self.n_past} left")
+        n_tokens = int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk))  # cache cells
+        if self.n_cells + n_tokens > self.n_ctx:
+            raise ContextOverflowError(
+                f"the image needs {n_tokens} context cells, the context ({self.n_ctx}) has "
+                f"{self.n_ctx - self.n_cells} left; use a larger context or fewer images"
+            )
         if mtmd_cpp.mtmd_encode_chunk(mtmd_p, chunk) != 0:
             raise RuntimeError("mtmd could not encode the image")
         embd = mtmd_cpp.mtmd_get_output_embd(mtmd_p)
@@ -249,27 +262,27 @@ class GazeSession:
         )
         self._n_registered += int(registered)
         self.images.append(image)
-        self.history.append(image)
-        self.n_past = int(new_n_past.value)
+        self._record(image, int(new_n_past.value) - self.n_past, n_tokens)
         self._has_logits = False
         return image
 
     # --- decoding ----------------------------------------------------------------------------
 
     def _decode(self, tokens: list[int], generated: bool) -> None:
-        if self.n_past + len(tokens) > self.n_ctx:
-            raise RuntimeError(f"the context is full ({self.n_ctx} positions)")
+        if self.n_cells + len(tokens) > self.n_ctx:
+            raise ContextOverflowError(
+                f"the context is full: {self.n_cells + len(tokens)} cells needed, {self.n_ctx} in the context"
+            )
         batch = self._batch
         llama_cpp.llama_batch_ext_clear(batch)
         pos = llama_cpp.llama_pos(0)
         idx = -1
-        for t in tokens:
+        for i, t in enumerate(tokens):
             idx = llama_cpp.llama_batch_ext_add_token(batch, SEQ, int(t))
             if idx < 0:
                 raise RuntimeError(f"could not add token {t} to the batch ({idx})")
-            pos.value = self.n_past
+            pos.value = self.n_past + i
             llama_cpp.llama_batch_ext_set_pos(batch, idx, ctypes.byref(pos))
-            self.n_past += 1
         llama_cpp.llama_batch_ext_set_output_logits(batch, idx, True)
         bindings.llama_gaze_set_generated(self._ctx, generated)
         try:
@@ -277,8 +290,9 @@ class GazeSession:
         finally:
             bindings.llama_gaze_set_generated(self._ctx, False)
         if ret != 0:
-            self.n_past -= len(tokens)
             raise RuntimeError(f"llama_process failed ({ret})")
+        for t in tokens:
+            self._record(int(t), 1, 1)
         self._has_logits = True
         self._last_step_gazed = generated
 
@@ -292,7 +306,6 @@ class GazeSession:
     def append(self, token: int) -> np.ndarray:
         """Evaluate a token the model generated (gaze applies) and return the logits after it."""
         self._decode([int(token)], generated=True)
-        self.history.append(int(token))
         return self.logits()
 
     def rewind(self, n_tokens: int = 1) -> None:
@@ -305,11 +318,26 @@ class GazeSession:
         tail = self.history[-n_tokens:]
         if any(isinstance(item, SessionImage) for item in tail):
             raise ValueError(f"the last {n_tokens} items include an image; only tokens can be rewound")
+        self.truncate(len(self.history) - n_tokens)
+
+    def truncate(self, n_items: int) -> None:
+        """Keep the first ``n_items`` items of ``history`` (tokens and images) and remove the rest
+        from the sequence and the cache; images after the cut leave the gaze registry with their
+        cells (llama_memory_seq_rm), images before it keep their regions and descriptors. The
+        logits are gone until the next input."""
+        if not 0 <= n_items <= len(self.history):
+            raise ValueError(f"cannot keep {n_items} of {len(self.history)} items")
+        if n_items == len(self.history):
+            return
+        pos, cells = self._starts[n_items]
         mem = llama_cpp.llama_get_memory(self._ctx)
-        if not llama_cpp.llama_memory_seq_rm(mem, SEQ, self.n_past - n_tokens, -1):
+        if not llama_cpp.llama_memory_seq_rm(mem, SEQ, pos, -1):
             raise RuntimeError("llama.cpp could not remove the tokens from the cache")
-        del self.history[-n_tokens:]
-        self.n_past -= n_tokens
+        removed = {id(item) for item in self.history[n_items:] if isinstance(item, SessionImage)}
+        self.images = [im for im in self.images if id(im) not in removed]
+        del self.history[n_items:]
+        del self._starts[n_items:]
+        self.n_past, self.n_cells = pos, cells
         self._has_logits = False
         self._last_step_gazed = False
 
@@ -368,9 +396,9 @@ class GazeSession:
             pass
 
 
-def _check_selection(top_k: int | None, keep_ratio: float | None, score_mode: str | None) -> None:
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+def _check_selection(keep_regions: int | None, keep_ratio: float | None, score_mode: str | None) -> None:
+    if keep_regions is not None and keep_regions < 0:
+        raise ValueError(f"keep_regions must be >= 0, got {keep_regions}")
     if keep_ratio is not None and not (0.0 < keep_ratio <= 1.0):
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
     if score_mode is not None and score_mode not in gguf_names.SCORE_MODE_IDS:
@@ -402,23 +430,25 @@ def _image_chunks(mtmd_p, image, add_special: bool):
 def image_positions(model, image) -> int:
     """Positions ``image`` takes in a sequence (its grid, context tokens and any text mtmd puts
     around it), without encoding it."""
+    return image_footprint(model, image)[1]
+
+
+def image_footprint(model, image) -> tuple[int, int]:
+    """(KV-cache cells, positions) ``image`` takes in a sequence, with any text mtmd puts around
+    it, without encoding it. They differ for M-RoPE models: a grid of nx x ny tokens takes
+    nx * ny cells but only max(nx, ny) positions."""
     if not model.has_vision:
         raise RuntimeError("this model has no vision projector (mmproj)")
     with _image_chunks(model._mtmd, image, add_special=False) as chunks:
-        return sum(int(mtmd_cpp.mtmd_input_chunk_get_n_pos(c)) for c in chunks)
+        cells = sum(int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(c)) for c in chunks)
+        return cells, sum(int(mtmd_cpp.mtmd_input_chunk_get_n_pos(c)) for c in chunks)
 
 
 def _bitmap(image):
-    """An mtmd bitmap (RGB) from a path or a PIL image."""
-    from PIL import Image
+    """An mtmd bitmap (RGB) from anything ``gaze_edge.images.load_image`` takes."""
+    from gaze_edge.images import load_image
 
-    if isinstance(image, str | Path):
-        with Image.open(image) as im:
-            rgb = im.convert("RGB")
-    elif isinstance(image, Image.Image):
-        rgb = image.convert("RGB")
-    else:
-        raise TypeError(f"add_image takes a path or a PIL image, not {type(image).__name__}")
+    rgb = load_image(image)
     data = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
     buf = (ctypes.c_uint8 * data.size).from_buffer_copy(data.tobytes())
     bitmap = mtmd_cpp.mtmd_bitmap_init(rgb.width, rgb.height, buf)
