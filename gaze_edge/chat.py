@@ -47,6 +47,7 @@ class ChatResult:
     finish_reason: str  # "stop" (end of generation, or a stop string) or "length" (max_tokens, context full)
     images: list[Any] = field(default_factory=list)  # gaze_edge.runtime.session.SessionImage
     n_cached_tokens: int = 0  # of n_prompt_tokens, those reused from the cache (not evaluated)
+    logits: list[np.ndarray] | None = None  # with logits=True: per sampled token, the logits it came from
 
     @property
     def n_generated_tokens(self) -> int:

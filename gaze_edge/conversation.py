@@ -33,9 +33,10 @@ from gaze_edge.sampling import Sampler, SamplingSettings, StopMatcher
 # Prompt tokens are evaluated in batches of this many, so a progress bar moves during long prompts.
 PROGRESS_BATCH = 512
 
-# a pooled conversation sharing no more than this many elements (a BOS, a system prompt's start)
-# with a call is not reused while the pool has room for a new one
-MIN_SHARED = 8
+# a pooled conversation is reused for a call that shares at least this fraction of what it holds
+# (llama-server's --slot-prompt-similarity, 0.5 by default); otherwise a new one starts while the
+# pool has room
+SIMILARITY = 0.5
 
 # the keyword arguments of chat() that are sampling settings
 SAMPLING_OPTIONS = frozenset(SamplingSettings.__dataclass_fields__)
@@ -60,6 +61,7 @@ class _Cached:
     key: tuple
     end: int
     reusable: bool
+    n_cells: int = 1
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,10 @@ class Conversation:
             n += 1
         return n
 
+    def shared_cells(self, plan: list[_Element]) -> int:
+        """Cache cells of the leading elements of ``plan`` this conversation may reuse."""
+        return sum(c.n_cells for c in self._cached[: self.match(plan)])
+
     def run(self, call: PreparedCall, plan: list[_Element]):
         """Generator: evaluate what is new in ``plan``, then generate; yields text pieces, then
         the ChatResult. The caller holds the model's lock."""
@@ -195,8 +201,11 @@ class Conversation:
         decoded = ""  # detokenized text so far
         finish = "length"
         chose_it = None  # the selection whose logits picked the next token
+        logits: list = []
         try:
             for _ in range(call.max_tokens):
+                if call.logits:
+                    logits.append(s.logits())
                 tok = sampler.sample(s)
                 if model.is_eog(tok):
                     finish = "stop"
@@ -213,8 +222,8 @@ class Conversation:
                     if stopped:
                         finish = "stop"
                         break
-                if s.n_cells + 1 > self.n_ctx:  # the context is full: the answer ends here
-                    break
+                if len(tokens) == call.max_tokens or s.n_cells + 1 > self.n_ctx:
+                    break  # max_tokens, or the context is full: nothing will read this token's logits
                 s.append(tok)
                 self._cached.append(_Cached(("t", tok), len(s.history), not gazing))
                 chose_it = s.trace() if call.trace else None
@@ -229,7 +238,7 @@ class Conversation:
         self.last_used = time.monotonic()
         yield ChatResult(text=shown, steps=steps, n_prompt_tokens=sum(e.n_cells for e in plan),
                          n_cached_tokens=n_cached, prompt_seconds=t1 - t0, generate_seconds=t2 - t1,
-                         finish_reason=finish, images=list(s.images))
+                         finish_reason=finish, images=list(s.images), logits=logits or None)
 
     def _evaluate(self, elements: Sequence[_Element], progress: Progress | None) -> None:
         s = self._session
@@ -241,7 +250,7 @@ class Conversation:
         while i < len(elements):
             if elements[i].image is not None:
                 s.add_image(elements[i].image)
-                self._cached.append(_Cached(elements[i].key, len(s.history), True))
+                self._cached.append(_Cached(elements[i].key, len(s.history), True, elements[i].n_cells))
                 done += elements[i].n_cells
                 i += 1
             else:
@@ -260,9 +269,9 @@ class Conversation:
 class ConversationPool:
     """The recent conversations ``GazeModel.chat`` answers from, at most ``max_conversations``.
 
-    A call goes to the conversation whose cache shares the longest prefix with it; when none
-    shares more than a few tokens and the pool has room, a new one starts; otherwise the least
-    recently used is reused (its cache cut where the prefix ends). Each conversation holds one
+    A call goes to the conversation whose cache shares the longest prefix with it, if that prefix
+    is at least half of what the conversation holds (as llama-server picks a slot); otherwise a
+    new one starts while the pool has room, else the least recently used gives way. Each conversation holds one
     llama.cpp context (``GazeModel.kv_cache_bytes(n_ctx)`` of KV cache plus compute buffers);
     0 turns the reuse off: every call evaluates cold in a context freed afterwards.
     """
@@ -297,8 +306,9 @@ class ConversationPool:
         candidates = [c for c in self.conversations if c.n_ctx == n_ctx]
         best = max(candidates, key=lambda c: (c.match(plan), c.last_used), default=None)
         full = len(self.conversations) >= self.max_conversations
-        # a shared BOS or system prompt alone is not worth evicting another conversation for
-        if best is not None and (best.match(plan) > MIN_SHARED or (full and best.n_ctx == n_ctx)):
+        # as llama-server picks a slot: reuse a conversation when the call shares at least half of
+        # what it holds (a shared system prompt alone is not worth cutting another conversation for)
+        if best is not None and (full or best.shared_cells(plan) >= SIMILARITY * max(1, best.n_cached)):
             return best, plan
         if full:
             oldest = min(self.conversations, key=lambda c: c.last_used)
@@ -356,6 +366,7 @@ class PreparedCall:
     max_tokens: int
     stream: bool
     trace: bool
+    logits: bool
     n_ctx: int | None
     progress: Progress | None
 
@@ -369,6 +380,7 @@ def prepare_call(model, messages_or_prompt, options: dict) -> PreparedCall:
     max_tokens = options.pop("max_tokens", 256)
     stream = bool(options.pop("stream", False))
     trace = bool(options.pop("trace", False))
+    want_logits = bool(options.pop("logits", False))
     n_ctx = options.pop("n_ctx", None)
     progress = options.pop("progress", None)
     gaze = options.pop("gaze", None)
@@ -400,7 +412,7 @@ def prepare_call(model, messages_or_prompt, options: dict) -> PreparedCall:
     return PreparedCall(
         pieces=pieces, images=decoded, sampling=sampling,
         gaze=GazeOptions(use_gaze, keep_regions, float(keep_ratio) if keep_ratio is not None else None, gather),
-        max_tokens=max_tokens, stream=stream, trace=trace,
+        max_tokens=max_tokens, stream=stream, trace=trace, logits=want_logits,
         n_ctx=(model.n_ctx_train if n_ctx == 0 else n_ctx), progress=progress,
     )
 

@@ -349,6 +349,7 @@ class GazeModel:
           kept K/V rows instead of masking the cache (same selection; on the CPU faster at small
           keep ratios with many image tokens, see docs/BENCHMARKS.md).
         trace=False: True keeps, per generated token, the regions the model looked at.
+        logits=False: True keeps, per sampled token, the (n_vocab,) logits it was sampled from.
         stream=False: True returns an iterator of text pieces instead of a ChatResult.
         n_ctx=None: context cells (default: ``default_n_ctx()``; 0: the training context).
         progress=None: a callable (done, total) told how far the prompt's evaluation is, in cells.
