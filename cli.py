@@ -97,6 +97,11 @@ def main(verbose: bool) -> None:
 
     Exit codes: 0 ok, 1 bad input (model, image, files), 2 bad flags, 3 patched runtime missing.
     """
+    import warnings
+
+    if not verbose:  # the library's warnings (e.g. a model without a chat template) as one line each
+        warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"gaze-edge: warning: {message}",
+                                                                           err=True)
 
 
 # --------------------------------------------------------------------------- runtime

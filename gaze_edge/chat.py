@@ -44,7 +44,7 @@ class ChatResult:
     n_prompt_tokens: int  # context cells of the whole prompt (an image counts its grid and context tokens)
     prompt_seconds: float
     generate_seconds: float
-    finish_reason: str  # "stop" (end of generation, or a stop string) or "length" (max_tokens, context full)
+    finish_reason: str  # "stop" (end of generation, a stop string), "length" (max_tokens, context full), "cancelled"
     images: list[Any] = field(default_factory=list)  # gaze_edge.runtime.session.SessionImage
     n_cached_tokens: int = 0  # of n_prompt_tokens, those reused from the cache (not evaluated)
     logits: list[np.ndarray] | None = None  # with logits=True: per sampled token, the logits it came from

@@ -204,6 +204,9 @@ class Conversation:
         logits: list = []
         try:
             for _ in range(call.max_tokens):
+                if call.cancel is not None and call.cancel():
+                    finish = "cancelled"
+                    break
                 if call.logits:
                     logits.append(s.logits())
                 tok = sampler.sample(s)
@@ -369,6 +372,7 @@ class PreparedCall:
     logits: bool
     n_ctx: int | None
     progress: Progress | None
+    cancel: Callable[[], bool] | None
 
 
 def prepare_call(model, messages_or_prompt, options: dict) -> PreparedCall:
@@ -383,6 +387,7 @@ def prepare_call(model, messages_or_prompt, options: dict) -> PreparedCall:
     want_logits = bool(options.pop("logits", False))
     n_ctx = options.pop("n_ctx", None)
     progress = options.pop("progress", None)
+    cancel = options.pop("cancel", None)
     gaze = options.pop("gaze", None)
     keep_regions = options.pop("keep_regions", None)
     keep_ratio = options.pop("keep_ratio", None)
@@ -413,7 +418,7 @@ def prepare_call(model, messages_or_prompt, options: dict) -> PreparedCall:
         pieces=pieces, images=decoded, sampling=sampling,
         gaze=GazeOptions(use_gaze, keep_regions, float(keep_ratio) if keep_ratio is not None else None, gather),
         max_tokens=max_tokens, stream=stream, trace=trace, logits=want_logits,
-        n_ctx=(model.n_ctx_train if n_ctx == 0 else n_ctx), progress=progress,
+        n_ctx=(model.n_ctx_train if n_ctx == 0 else n_ctx), progress=progress, cancel=cancel,
     )
 
 

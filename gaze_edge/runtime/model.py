@@ -353,6 +353,8 @@ class GazeModel:
         stream=False: True returns an iterator of text pieces instead of a ChatResult.
         n_ctx=None: context cells (default: ``default_n_ctx()``; 0: the training context).
         progress=None: a callable (done, total) told how far the prompt's evaluation is, in cells.
+        cancel=None: a callable checked before each token; True ends the answer
+          (finish_reason "cancelled"), e.g. when a client disconnects.
 
         Warm: calls are answered from a small pool of recent conversations
         (``self.conversations``, see ``load(cached_conversations=)``): the longest prefix a call
