@@ -269,8 +269,13 @@ def chat(images, prompt, model_path, mmproj, ctx_size, gpu_layers, image_min_tok
     if interactive:
         from gaze_edge.interactive import run_interactive
 
-        run_interactive(model, images=pictures, options=options,
-                        read=lambda: click.prompt("you", default="", show_default=False, prompt_suffix="> "),
+        def read() -> str:
+            try:
+                return click.prompt("you", default="", show_default=False, prompt_suffix="> ")
+            except click.Abort:  # Ctrl-D / Ctrl-C at the prompt: the chat ends normally
+                raise EOFError from None
+
+        run_interactive(model, images=pictures, options=options, read=read,
                         write=lambda piece: click.echo(piece, nl=False),
                         warn=lambda line: click.echo(line, err=True))
         return
