@@ -17,6 +17,7 @@ import ctypes
 import os
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +128,7 @@ class GazeModel:
         # the warm conversations chat() answers from (gaze_edge.conversation)
         self.conversations = ConversationPool(self, cached_conversations)
         self._footprints: dict[str, tuple[int, int]] = {}
+        self._sessions: weakref.WeakSet = weakref.WeakSet()  # live sessions, closed by close()
 
     @classmethod
     def load(
@@ -436,8 +438,12 @@ class GazeModel:
         return image_positions(self, image)
 
     def close(self) -> None:
+        """Free the model; sessions and conversations still open on it are closed first (their
+        contexts would otherwise point at freed weights)."""
         if getattr(self, "conversations", None) is not None:
             self.conversations.close()
+        for session in list(getattr(self, "_sessions", ())):
+            session.close()
         if getattr(self, "_mtmd", None):
             mtmd_cpp.mtmd_free(self._mtmd)
             self._mtmd = None

@@ -109,6 +109,11 @@ class GazeSession:
         if not self._ctx:
             raise RuntimeError("llama.cpp could not create a context")
         self._batch = llama_cpp.llama_batch_ext_init(self._ctx)
+        if not self._batch:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+            raise RuntimeError("llama.cpp could not make a batch for the context")
+        model._sessions.add(self)  # closed with the model
 
         self.configure(gaze=gaze, keep_regions=keep_regions, keep_ratio=keep_ratio, score_mode=score_mode,
                        gather=gather, trace=trace)
@@ -124,6 +129,14 @@ class GazeSession:
         self._n_registered = 0  # image ids are given in registration order, per context
         self._last_step_gazed = False
 
+    @property
+    def closed(self) -> bool:
+        return not getattr(self, "_ctx", None)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("the session is closed (or its model was)")
+
     # --- settings ----------------------------------------------------------------------------
 
     def configure(self, *, gaze: bool | None = None, keep_regions: int | None = None,
@@ -132,6 +145,7 @@ class GazeSession:
         """Change settings; the next generated token uses them (None keeps a setting). As in
         ``GazeModel.session``: keep_regions > 0 takes precedence over keep_ratio; giving only
         keep_ratio clears keep_regions."""
+        self._check_open()
         _check_selection(keep_regions, keep_ratio, score_mode)
         if gaze is not None:
             bindings.llama_gaze_set_enabled(self._ctx, bool(gaze))
@@ -177,6 +191,7 @@ class GazeSession:
     def add_text(self, text: str) -> list[int]:
         """Tokenize and evaluate prompt text (dense); BOS first when the sequence is empty and the
         vocabulary wants one. Returns the tokens."""
+        self._check_open()
         tokens = self.model.tokenize(text, add_special=self.n_past == 0 and self.model.add_bos)
         self.add_tokens(tokens)
         return tokens
@@ -195,10 +210,13 @@ class GazeSession:
     def add_image(self, image, *, keep_embeddings: bool = False) -> SessionImage:
         """Evaluate an image (a path or a PIL image) the way mtmd does: any begin/end-of-image text
         the model uses, the grid, then the context tokens. Returns what was added."""
+        self._check_open()
         if not self.model.has_vision:
             raise RuntimeError("this model has no vision projector (mmproj)")
         added = None
-        with _image_chunks(self.model._mtmd, image, add_special=self.n_past == 0) as chunks:
+        # the model's one mtmd context (encoder and its output buffer) serves every session: hold
+        # the model's lock from tokenizing to decoding the embeddings
+        with self.model.lock, _image_chunks(self.model._mtmd, image, add_special=self.n_past == 0) as chunks:
             for i, chunk in enumerate(chunks):
                 if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                     added = self._eval_image_chunk(chunk, keep_embeddings)
@@ -269,6 +287,7 @@ class GazeSession:
     # --- decoding ----------------------------------------------------------------------------
 
     def _decode(self, tokens: list[int], generated: bool) -> None:
+        self._check_open()
         if self.n_cells + len(tokens) > self.n_ctx:
             raise ContextOverflowError(
                 f"the context is full: {self.n_cells + len(tokens)} cells needed, {self.n_ctx} in the context"
@@ -282,8 +301,10 @@ class GazeSession:
             if idx < 0:
                 raise RuntimeError(f"could not add token {t} to the batch ({idx})")
             pos.value = self.n_past + i
-            llama_cpp.llama_batch_ext_set_pos(batch, idx, ctypes.byref(pos))
-        llama_cpp.llama_batch_ext_set_output_logits(batch, idx, True)
+            if not llama_cpp.llama_batch_ext_set_pos(batch, idx, ctypes.byref(pos)):
+                raise RuntimeError(f"could not set the position of token {t} in the batch")
+        if not llama_cpp.llama_batch_ext_set_output_logits(batch, idx, True):
+            raise RuntimeError("could not ask for the logits of the batch's last token")
         bindings.llama_gaze_set_generated(self._ctx, generated)
         try:
             ret = llama_cpp.llama_process(self._ctx, llama_cpp.LLAMA_PROCESS_TYPE_DECODE, batch)
@@ -298,6 +319,7 @@ class GazeSession:
 
     def logits(self) -> np.ndarray:
         """(n_vocab,) float32 logits at the last position (a copy)."""
+        self._check_open()
         if not self._has_logits:
             raise RuntimeError("no logits: the last input was an image (add text after it)")
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
@@ -325,6 +347,7 @@ class GazeSession:
         from the sequence and the cache; images after the cut leave the gaze registry with their
         cells (llama_memory_seq_rm), images before it keep their regions and descriptors. The
         logits are gone until the next input."""
+        self._check_open()
         if not 0 <= n_items <= len(self.history):
             raise ValueError(f"cannot keep {n_items} of {len(self.history)} items")
         if n_items == len(self.history):
@@ -439,7 +462,7 @@ def image_footprint(model, image) -> tuple[int, int]:
     nx * ny cells but only max(nx, ny) positions."""
     if not model.has_vision:
         raise RuntimeError("this model has no vision projector (mmproj)")
-    with _image_chunks(model._mtmd, image, add_special=False) as chunks:
+    with model.lock, _image_chunks(model._mtmd, image, add_special=False) as chunks:
         cells = sum(int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(c)) for c in chunks)
         return cells, sum(int(mtmd_cpp.mtmd_input_chunk_get_n_pos(c)) for c in chunks)
 
