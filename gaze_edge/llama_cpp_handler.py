@@ -80,7 +80,7 @@ def borrow_model(llama, clip_model_path: str | Path, *, n_threads: int | None = 
     frees its model.
     """
     from gaze_edge.runtime import logs
-    from gaze_edge.runtime.model import ModelFiles, mtmd_cpp
+    from gaze_edge.runtime.model import ModelFiles, ModelFilesError, open_projector
 
     model_p = llama.model
     if not model_p:
@@ -89,16 +89,11 @@ def borrow_model(llama, clip_model_path: str | Path, *, n_threads: int | None = 
     n_gpu_layers = int(llama.model_params.n_gpu_layers)
     logs.install(verbose)
     logs.take_errors()
-    cparams = mtmd_cpp.mtmd_context_params_default()
-    cparams.use_gpu = n_gpu_layers != 0
-    cparams.n_threads = n_threads
-    cparams.print_timings = False
-    cparams.warmup = False
-    mtmd_p = mtmd_cpp.mtmd_init_from_file(str(clip_model_path).encode(), model_p, cparams)
-    if not mtmd_p:
-        said = logs.take_errors()
-        raise ProjectorFileError(f"mtmd could not load the projector {clip_model_path} (corrupt, or not made "
-                                 f"for {Path(llama.model_path).name}?){': ' + said if said else ''}")
+    try:
+        mtmd_p = open_projector(Path(clip_model_path), model_p, n_threads=n_threads, use_gpu=n_gpu_layers != 0,
+                                what=Path(llama.model_path).name)
+    except ModelFilesError as e:
+        raise ProjectorFileError(str(e)) from None
     files = ModelFiles(Path(llama.model_path), Path(clip_model_path))
     return _borrowed_model_class()(files, model_p, mtmd_p, n_threads, n_gpu_layers,
                                    n_ctx=n_ctx or llama.n_ctx(), cached_conversations=0, owner=llama._model)

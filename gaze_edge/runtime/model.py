@@ -87,6 +87,25 @@ def _is_projector(path: Path) -> bool:
     return path.name.lower().startswith(_MMPROJ_PREFIX.rstrip("-"))
 
 
+def open_projector(mmproj: Path, model_p, *, n_threads: int, use_gpu: bool, image_min_tokens: int | None = None,
+                   image_max_tokens: int | None = None, what: str = "this model"):
+    """An mtmd context for the projector GGUF ``mmproj`` on the loaded language model ``model_p``,
+    with the settings every gaze-edge model uses; ModelFilesError (with mtmd's reason) if refused."""
+    cparams = mtmd_cpp.mtmd_context_params_default()
+    cparams.use_gpu = use_gpu
+    cparams.n_threads = n_threads
+    cparams.print_timings = False
+    cparams.warmup = False
+    if image_min_tokens is not None:
+        cparams.image_min_tokens = int(image_min_tokens)
+    if image_max_tokens is not None:
+        cparams.image_max_tokens = int(image_max_tokens)
+    mtmd_p = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), model_p, cparams)
+    if not mtmd_p:
+        raise ModelFilesError(f"mtmd could not load the projector {mmproj} (corrupt, or not made for {what}?){_why()}")
+    return mtmd_p
+
+
 def _why() -> str:
     """": <what llama.cpp logged as errors>" or "" (gaze_edge.runtime.logs)."""
     said = logs.take_errors()
@@ -175,21 +194,12 @@ class GazeModel:
         n_threads = n_threads or _default_threads()
         mtmd_p = None
         if files.mmproj is not None:
-            cparams = mtmd_cpp.mtmd_context_params_default()
-            cparams.use_gpu = n_gpu_layers != 0
-            cparams.n_threads = n_threads
-            cparams.print_timings = False
-            cparams.warmup = False
-            if image_min_tokens is not None:
-                cparams.image_min_tokens = int(image_min_tokens)
-            if image_max_tokens is not None:
-                cparams.image_max_tokens = int(image_max_tokens)
-            mtmd_p = mtmd_cpp.mtmd_init_from_file(str(files.mmproj).encode(), model_p, cparams)
-            if not mtmd_p:
+            try:
+                mtmd_p = open_projector(files.mmproj, model_p, n_threads=n_threads, use_gpu=n_gpu_layers != 0,
+                                        image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens)
+            except ModelFilesError:
                 llama_cpp.llama_model_free(model_p)
-                raise ModelFilesError(
-                    f"mtmd could not load the projector {files.mmproj} (corrupt, or not made for this model?){_why()}"
-                )
+                raise
         return cls(files, model_p, mtmd_p, n_threads, n_gpu_layers, n_ctx=n_ctx,
                    cached_conversations=cached_conversations)
 
