@@ -567,18 +567,37 @@ def _parse_counts(text: str) -> list[int]:
                    "or both (every keep ratio timed each way).")
 @click.option("--profile", is_flag=True, help="Also time every graph node: where a step spends its time "
                                               "(attention, gaze selection, weights); slows every step.")
+@click.option("--warm", is_flag=True, help="Instead: turn 2 of a conversation warm vs cold (prompt time, "
+                                           "tokens reused, same answer).")
+@click.option("--images", default=1, show_default=True, type=click.IntRange(1),
+              help="With --warm: GazeScenes images in turn 1.")
+@click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(1),
+              help="With --warm: tokens per answer.")
+@click.option("--dense", is_flag=True, help="With --warm: answer densely (the turn-1 answer is reused too).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
-def bench(model_dir, shape, visual, keep_ratios, rounds, steps, threads, kv_type, restrict, profile, as_json) -> None:
+def bench(model_dir, shape, visual, keep_ratios, rounds, steps, threads, kv_type, restrict, profile, warm, images,
+          max_tokens, dense, as_json) -> None:
     """Decode speed, dense vs gaze, side by side on one cache (default: the embedded model).
 
     Prefills text and images once per visual-token count, then times dense and gaze steps on that
     same cache, alternating modes; prints ms/token, ratios, the visual KV used, the bandwidth bound
     of each mode and the peak RSS. Numbers depend on the machine: compare the ratios.
+
+    With --warm: the prompt time of a conversation's second turn, answered by the warm
+    conversation and cold, alternating over --rounds.
     """
     counts = _parse_counts(visual)
     if shape and model_dir:
         raise click.BadParameter("give a model folder or --shape, not both", param_hint="--shape")
+    if warm:
+        from gaze_edge.bench import warm as warm_bench
+
+        report = warm_bench.bench_warm(model_dir, shape, images=images, rounds=rounds, threads=threads,
+                                       max_tokens=max_tokens, n_ctx=None, dense=dense,
+                                       progress=lambda line: click.echo(line, err=True))
+        click.echo(json.dumps(report.to_json(), indent=2) if as_json else warm_bench.format_table(report))
+        return
     from gaze_edge.bench import shapes, speed
 
     if shape:
