@@ -383,6 +383,45 @@ def caption_command(inputs, prompt, jsonl, model_path, mmproj, ctx_size, gpu_lay
         sys.exit(EXIT_INPUT)
 
 
+# --------------------------------------------------------------------------- serve
+
+
+@main.command("serve")
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; set an --api-key then).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--api-key", envvar="GAZE_EDGE_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on every route but /health [env GAZE_EDGE_API_KEY].")
+@click.option("--alias", "model_name",
+              help="The model's name in /v1/models and /api/tags (default: the GGUF file's name).")
+@click.option("--max-body-mb", default=32.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Request bodies larger than this get 413.")
+@click.option("--allow-file-urls", is_flag=True, help="Follow file:// image URLs (they read this machine's files).")
+@click.option("--allow-http-urls", is_flag=True, help="Fetch http(s):// image URLs (at most 10 s and 20 MiB each).")
+@handle_errors
+def serve_command(model_path, mmproj, ctx_size, gpu_layers, image_min_tokens, image_max_tokens, threads, host, port,
+                  api_key, model_name, max_body_mb, allow_file_urls, allow_http_urls) -> None:
+    """Serve the model over HTTP for desktop assistants: OpenAI's /v1/chat/completions and Ollama's
+    /api/chat (docs/SERVER.md). Needs `pip install gaze-edge[server]`."""
+    from gaze_edge import server
+
+    missing = server.missing_packages()
+    if missing:
+        click.echo(f"gaze-edge: error: {server.INSTALL_HINT} (missing: {', '.join(missing)})", err=True)
+        sys.exit(EXIT_INPUT)
+    verbose = bool(click.get_current_context().find_root().params.get("verbose"))
+    model = _load_model(model_path, threads, verbose, mmproj=mmproj, n_ctx=ctx_size, gpu_layers=gpu_layers,
+                        image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens)
+    name = model_name or model.files.model.stem
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"gaze-edge serve: {name} at http://{shown}:{port}/v1 (OpenAI) and http://{shown}:{port}/api "
+               "(Ollama); Ctrl-C stops", err=True)
+    server.serve(model, host=host, port=port, model_name=name, api_key=api_key,
+                 max_body_bytes=int(max_body_mb * 2**20), allow_file_urls=allow_file_urls,
+                 allow_http_urls=allow_http_urls, log_level="debug" if verbose else "info")
+
+
 # --------------------------------------------------------------------------- convert
 
 

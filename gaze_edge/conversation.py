@@ -291,9 +291,12 @@ class ConversationPool:
 
     def chat(self, messages_or_prompt, **options) -> ChatResult | Iterator[str]:
         call = prepare_call(self.model, messages_or_prompt, options)
-        return _deliver(self._run(call), call.stream)
+        return _deliver(self.answer(call), call.stream)
 
-    def _run(self, call):
+    def answer(self, call: PreparedCall):
+        """Generator for a call made with ``prepare_call``: the text pieces as they are decoded,
+        then the ChatResult (what a server streams and then reports usage from). Holds the
+        model's lock until it is exhausted or closed."""
         with self.model.lock:
             self._shrink()
             n_ctx = call.n_ctx or self.model.default_n_ctx()
