@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
+
 SCORE_MODES = ("gqa_mean", "per_head", "layer_mean")
 
 
@@ -45,11 +47,7 @@ class GazeConfig:
         """k for a sequence holding n_regions_total regions (GAZE_SPEC.md, Selection)."""
         if n_regions_total <= 0:
             return 0
-        if self.top_k > 0:
-            k = self.top_k
-        else:
-            k = math.ceil(float(self.keep_ratio) * n_regions_total - 1e-6)
-        return max(1, min(k, n_regions_total))
+        return n_selected(self.top_k, self.keep_ratio, n_regions_total)
 
     def replace(self, **changes) -> GazeConfig:
         return GazeConfig(**{**asdict(self), **changes})
@@ -64,3 +62,20 @@ class GazeConfig:
         if unknown:
             raise ValueError(f"unknown gaze settings: {sorted(unknown)}")
         return cls(**d)
+
+
+def keep_ratio_ppm(keep_ratio: float) -> int:
+    """keep_ratio in parts per million, as every implementation reads it (GAZE_SPEC.md,
+    Selection): the float32 the GGUF and the C API hold, times 10^6, rounded half away from zero
+    (C's lround; exact in double for ratios in (0, 1])."""
+    y = float(np.float32(keep_ratio)) * 1e6
+    return int(math.floor(y + 0.5))
+
+
+def n_selected(top_k: int, keep_ratio: float, n_regions_total: int) -> int:
+    """k, the regions kept among n_regions_total (GAZE_SPEC.md, Selection): top_k when > 0, else
+    ceil(ppm * n / 10^6) in integers, clamped to [1, n]; 0 without regions."""
+    if n_regions_total <= 0:
+        return 0
+    k = top_k if top_k > 0 else -(-keep_ratio_ppm(keep_ratio) * n_regions_total // 1_000_000)
+    return max(1, min(k, n_regions_total))

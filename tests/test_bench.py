@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from gaze_edge.bench import bandwidth
+from gaze_edge.config import n_selected
 
 pytestmark = pytest.mark.runtime
 
@@ -53,7 +54,7 @@ def test_speed_rows_and_accounting(model):
         assert dense.vs_dense == 1.0 and dense.visual_kv_fraction == 1.0
         # all regions are 2 x 2 and full: the fraction is k / n_regions exactly, every layer and head
         for m, ratio in ((g01, 0.1), (g05, 0.5)):
-            assert m.visual_kv_fraction == pytest.approx(math.ceil(ratio * row.n_regions - 1e-6) / row.n_regions)
+            assert m.visual_kv_fraction == pytest.approx(n_selected(0, ratio, row.n_regions) / row.n_regions)
             assert m.n_steps == 1 and m.decode_ms > 0
         cells = bandwidth.kv_bytes_per_cell(model.n_layer, model.n_head_kv, model.n_embd // model.n_head, "f16")
         assert dense.step_mb * 1e6 == pytest.approx(model.size_bytes() + (row.cached_tokens + 1) * cells)
