@@ -399,9 +399,14 @@ def caption_command(inputs, prompt, jsonl, model_path, mmproj, ctx_size, gpu_lay
               help="Request bodies larger than this get 413.")
 @click.option("--allow-file-urls", is_flag=True, help="Follow file:// image URLs (they read this machine's files).")
 @click.option("--allow-http-urls", is_flag=True, help="Fetch http(s):// image URLs (at most 10 s and 20 MiB each).")
+@click.option("--cached-conversations", default=4, show_default=True, type=click.IntRange(0),
+              help="Warm conversations kept across requests (each one llama.cpp context); 0 = every request cold.")
+@click.option("--cache-ram", "cache_ram_mb", type=click.FloatRange(0),
+              help="MiB of KV cache the warm conversations may hold together (default: no limit but their count).")
 @handle_errors
 def serve_command(model_path, mmproj, ctx_size, gpu_layers, image_min_tokens, image_max_tokens, threads, host, port,
-                  api_key, model_name, max_body_mb, allow_file_urls, allow_http_urls) -> None:
+                  api_key, model_name, max_body_mb, allow_file_urls, allow_http_urls, cached_conversations,
+                  cache_ram_mb) -> None:
     """Serve the model over HTTP for desktop assistants: OpenAI's /v1/chat/completions and Ollama's
     /api/chat (docs/SERVER.md). Needs `pip install gaze-edge[server]`."""
     from gaze_edge import server
@@ -413,6 +418,9 @@ def serve_command(model_path, mmproj, ctx_size, gpu_layers, image_min_tokens, im
     verbose = bool(click.get_current_context().find_root().params.get("verbose"))
     model = _load_model(model_path, threads, verbose, mmproj=mmproj, n_ctx=ctx_size, gpu_layers=gpu_layers,
                         image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens)
+    model.conversations.max_conversations = cached_conversations
+    if cache_ram_mb is not None:
+        model.conversations.max_bytes = int(cache_ram_mb * 2**20)
     name = model_name or model.files.model.stem
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"gaze-edge serve: {name} at http://{shown}:{port}/v1 (OpenAI) and http://{shown}:{port}/api "

@@ -276,15 +276,27 @@ class ConversationPool:
     is at least half of what the conversation holds (as llama-server picks a slot); otherwise a
     new one starts while the pool has room, else the least recently used gives way. Each conversation holds one
     llama.cpp context (``GazeModel.kv_cache_bytes(n_ctx)`` of KV cache plus compute buffers);
-    0 turns the reuse off: every call evaluates cold in a context freed afterwards.
+    0 turns the reuse off: every call evaluates cold in a context freed afterwards. ``max_bytes``
+    bounds the KV cache of all of them together (fewer conversations, at least one).
     """
 
-    def __init__(self, model, max_conversations: int = 2) -> None:
+    def __init__(self, model, max_conversations: int = 2, max_bytes: int | None = None) -> None:
         if max_conversations < 0:
             raise ValueError(f"max_conversations must be >= 0, got {max_conversations}")
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.model = model
         self.max_conversations = max_conversations
+        self.max_bytes = max_bytes  # KV-cache bytes all conversations together may hold (None: no limit)
         self.conversations: list[Conversation] = []
+
+    def _capacity(self, n_ctx: int) -> int:
+        """Conversations of n_ctx cells the pool may hold: max_conversations, fewer under max_bytes
+        (at least one: a call is always answered, cold if it must)."""
+        if self.max_bytes is None:
+            return self.max_conversations
+        per = max(1, self.model.kv_cache_bytes(n_ctx))
+        return max(1, min(self.max_conversations, self.max_bytes // per))
 
     def memory_bytes(self) -> int:
         return sum(c.memory_bytes() for c in self.conversations)
@@ -311,12 +323,12 @@ class ConversationPool:
         plan = make_plan(self.model, call, n_ctx)
         candidates = [c for c in self.conversations if c.n_ctx == n_ctx]
         best = max(candidates, key=lambda c: (c.match(plan), c.last_used), default=None)
-        full = len(self.conversations) >= self.max_conversations
+        full = len(self.conversations) >= self._capacity(n_ctx)
         # as llama-server picks a slot: reuse a conversation when the call shares at least half of
         # what it holds (a shared system prompt alone is not worth cutting another conversation for)
         if best is not None and (full or best.shared_cells(plan) >= SIMILARITY * max(1, best.n_cached)):
             return best, plan
-        if full:
+        while self.conversations and len(self.conversations) >= self._capacity(n_ctx):
             oldest = min(self.conversations, key=lambda c: c.last_used)
             self.conversations.remove(oldest)
             oldest.close()
@@ -325,7 +337,12 @@ class ConversationPool:
         return conv, plan
 
     def _shrink(self) -> None:
-        while len(self.conversations) > self.max_conversations:
+        def over() -> bool:
+            if len(self.conversations) > self.max_conversations:
+                return True
+            return self.max_bytes is not None and len(self.conversations) > 1 and self.memory_bytes() > self.max_bytes
+
+        while over():
             oldest = min(self.conversations, key=lambda c: c.last_used)
             self.conversations.remove(oldest)
             oldest.close()

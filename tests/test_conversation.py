@@ -216,6 +216,22 @@ def test_model_chat_uses_a_bounded_pool(model):
     assert pool.memory_bytes() == 2 * model.kv_cache_bytes(1024)
 
 
+def test_the_pool_keeps_within_its_memory_limit(model):
+    pool = model.conversations
+    pool.close()
+    per = model.kv_cache_bytes(1024)
+    pool.max_bytes = int(1.5 * per)  # room for one conversation
+    try:
+        for i in range(3):
+            ask(model, [user("Describe.", picture(model.family, i))])
+            assert len(pool.conversations) == 1 and pool.memory_bytes() <= pool.max_bytes
+        again = ask(model, [user("Describe.", picture(model.family, 2)), answer("x"), user("More?")])
+        assert again.n_cached_tokens > 0  # the one kept is the latest
+    finally:
+        pool.max_bytes = None
+        pool.close()
+
+
 def test_context_overflow_is_one_clear_error(model):
     from gaze_edge.errors import ContextOverflowError
 

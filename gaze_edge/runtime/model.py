@@ -132,7 +132,8 @@ class GazeModel:
     """A language model and its vision projector, loaded once; ``session()`` evaluates sequences."""
 
     def __init__(self, files: ModelFiles, model_p, mtmd_p, n_threads: int, n_gpu_layers: int,
-                 n_ctx: int | None = None, cached_conversations: int = 2) -> None:
+                 n_ctx: int | None = None, cached_conversations: int = 2,
+                 conversation_memory: int | None = None) -> None:
         from gaze_edge.conversation import ConversationPool
 
         self.files = files
@@ -145,7 +146,7 @@ class GazeModel:
         # chat() holds it for a whole answer: one model, any number of threads, one answer at a time
         self.lock = threading.RLock()
         # the warm conversations chat() answers from (gaze_edge.conversation)
-        self.conversations = ConversationPool(self, cached_conversations)
+        self.conversations = ConversationPool(self, cached_conversations, conversation_memory)
         self._footprints: dict[str, tuple[int, int]] = {}
         self._sessions: weakref.WeakSet = weakref.WeakSet()  # live sessions, closed by close()
 
@@ -159,6 +160,7 @@ class GazeModel:
         n_gpu_layers: int = 0,
         n_ctx: int | None = None,
         cached_conversations: int = 2,
+        conversation_memory: int | None = None,
         image_min_tokens: int | None = None,
         image_max_tokens: int | None = None,
         verbose: bool = False,
@@ -174,6 +176,8 @@ class GazeModel:
           projectors with dynamic resolution (Qwen2-VL); None: the projector's defaults.
         cached_conversations: warm conversations ``chat`` keeps (each one llama.cpp context;
           ``kv_cache_bytes(n_ctx)`` of KV cache each); 0: every call evaluates cold.
+        conversation_memory: bytes of KV cache the warm conversations may hold together (None: no
+          limit beyond cached_conversations; at least one conversation is always kept).
         """
         if path is None:
             from gaze_edge.default_model import default_model_dir
@@ -201,7 +205,7 @@ class GazeModel:
                 llama_cpp.llama_model_free(model_p)
                 raise
         return cls(files, model_p, mtmd_p, n_threads, n_gpu_layers, n_ctx=n_ctx,
-                   cached_conversations=cached_conversations)
+                   cached_conversations=cached_conversations, conversation_memory=conversation_memory)
 
     @property
     def closed(self) -> bool:
