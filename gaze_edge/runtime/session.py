@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -363,6 +365,27 @@ class GazeSession:
         self.n_past, self.n_cells = pos, cells
         self._has_logits = False
         self._last_step_gazed = False
+
+    # --- saved state -------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike | None = None) -> bytes:
+        """The session's state (KV cells, tokens, images and their gaze regions) as bytes; also
+        written to ``path`` when given (atomically). ``load`` restores it, gaze included."""
+        from gaze_edge.runtime import saved
+
+        data = saved.dump(self)
+        if path is not None:
+            saved.write_file(data, path)
+        return data
+
+    def load(self, data_or_path: bytes | str | os.PathLike) -> None:
+        """Replace what this session holds with a saved state (bytes or a file from ``save``) of
+        the same model; the images are registered again, so the next generated token gazes as in
+        the uninterrupted session. The logits come back with the next input."""
+        from gaze_edge.runtime import saved
+
+        data = data_or_path if isinstance(data_or_path, bytes | bytearray) else Path(data_or_path).read_bytes()
+        saved.restore(self, bytes(data))
 
     # --- trace -------------------------------------------------------------------------------
 
