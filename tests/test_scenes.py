@@ -21,8 +21,10 @@ from gaze_edge.scenes import (
     score_captions,
     split_scenes,
 )
+from gaze_edge.scenes.conversation import follow_up_conversation, make_conversation, sample_conversation
 from gaze_edge.scenes.render import SQUARE_SCALE
 from gaze_edge.scenes.scene import BACKGROUND, COLOUR_JITTER, GRID, MAX_OBJECTS, MIN_OBJECTS, cell_box
+from gaze_edge.scenes.text import CAPTION_PROMPTS
 
 SEEDS = list(range(200)) + scene_seeds("test", 50)
 
@@ -180,3 +182,86 @@ def test_splits_are_fixed_and_disjoint():
     assert split_scenes("val", 2, start=5) == [sample_scene(1_000_000_005), sample_scene(1_000_000_006)]
     with pytest.raises(ValueError):
         scene_seeds("dev", 1)
+
+
+NUMBERS = {"two": 2, "three": 3, "four": 4}
+
+
+def _answer_from_scene(scene, prompt: str) -> str:
+    """What a question about ``scene`` must be answered, read off the scene's objects."""
+    if prompt == "How many shapes are there?":
+        return {n: w for w, n in NUMBERS.items()}[len(scene.objects)] + "."
+    for head, say in (("What is in the ", lambda o: f"{o.colour} {o.shape}." if o else "nothing."),
+                      ("What colour is the shape in the ", lambda o: f"{o.colour}."),
+                      ("What shape is in the ", lambda o: f"{o.shape}.")):  # fmt: skip
+        if prompt.startswith(head):
+            return say(scene.object_at(POSITIONS.index(prompt.removeprefix(head).removesuffix("?"))))
+    raise AssertionError(f"not a GazeScenes question: {prompt!r}")
+
+
+def _check_conversation(conv):
+    """Every turn is about the latest image shown and answers it truthfully; nothing repeats."""
+    assert conv.turns[0].new_image and conv.turns[0].image == 0
+    asked = set()
+    for i, turn in enumerate(conv.turns):
+        shown = sum(t.new_image for t in conv.turns[: i + 1])
+        assert turn.image == shown - 1, "a turn is about the latest image shown"
+        if turn.new_image:
+            asked = set()
+        scene = conv.scenes[turn.image]
+        if turn.kind == "caption":
+            assert turn.prompt in CAPTION_PROMPTS and turn.answer == caption(scene)
+        else:
+            assert turn.answer == _answer_from_scene(scene, turn.prompt)
+        assert turn.prompt not in asked, "no question twice about one image"
+        asked.add(turn.prompt)
+    assert len(conv.scenes) == conv.turns[-1].image + 1
+
+
+def test_training_conversations_are_deterministic_and_true():
+    firsts, seconds = split_scenes("train", 300), split_scenes("train", 300, start=5000)
+    convs = [sample_conversation(a, b, random.Random(f"c{i}")) for i, (a, b) in enumerate(zip(firsts, seconds, strict=True))]
+    again = [sample_conversation(a, b, random.Random(f"c{i}")) for i, (a, b) in enumerate(zip(firsts, seconds, strict=True))]
+    assert convs == again
+    for conv in convs:
+        _check_conversation(conv)
+        assert conv.scenes[0] is not None and conv.scenes[0] in firsts
+    lengths = {len(c.turns) for c in convs}
+    assert lengths == {2, 3, 4}
+    with_second = [c for c in convs if len(c.scenes) == 2]
+    assert 0.2 < len(with_second) / len(convs) < 0.4  # NEW_IMAGE_FRACTION = 0.3
+    later_kinds = {t.kind for c in convs for t in c.turns[1:]}
+    assert later_kinds == {"caption", "colour", "shape", "what", "count"}
+    # the second image is another scene, shown once, in turn 2 or later (at every such turn)
+    for c in with_second:
+        assert c.scenes[1] != c.scenes[0]
+        assert sum(t.new_image for t in c.turns[1:]) == 1
+    assert {[t.new_image for t in c.turns].index(True, 1) for c in with_second} == {1, 2, 3}
+
+
+def test_evaluation_conversations_ask_follow_up_questions():
+    rng = random.Random(1)
+    scenes = split_scenes("test", 40)
+    for scene, other in zip(scenes, split_scenes("test", 40, start=40), strict=True):
+        same = follow_up_conversation(scene, rng, 3)
+        _check_conversation(same)
+        assert [t.new_image for t in same.turns] == [True, False, False]
+        assert all(t.kind != "caption" for t in same.turns[1:])
+        new = follow_up_conversation(scene, rng, 3, second=other)
+        _check_conversation(new)
+        assert [t.image for t in new.turns] == [0, 1, 1] and new.turns[1].new_image
+        assert new.scenes == (scene, other)
+
+
+def test_conversation_messages_put_images_in_their_turns():
+    a, b = sample_scene(11), sample_scene(12)
+    conv = make_conversation((a, b), random.Random(3), n_turns=3, new_image_turn=3)
+    msgs = conv.messages()
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant", "user"]
+    assert [m["content"] for m in msgs[1::2]] == [t.answer for t in conv.turns[:2]]
+    images = [[i for i in m["content"] if i["type"] == "image"] for m in msgs[0::2]]
+    assert [len(x) for x in images] == [1, 0, 1]
+    assert msgs[4]["content"][-1] == {"type": "text", "text": conv.turns[2].prompt}
+    assert conv.messages(["  mine. "], n_turns=2)[1]["content"] == "mine."
+    with pytest.raises(ValueError):
+        make_conversation((a,), random.Random(0), n_turns=2, new_image_turn=2)

@@ -8,7 +8,9 @@ visibly wrong. Everything is generated from a seed (no files):
     text  = caption(scene)              # "top left: red circle. center: blue square." (text.py)
     score_captions(predicted, scenes)   # object-level accuracy (score.py)
 
-Fixed, disjoint seeds for the train / val / test splits live in splits.py.
+Multi-turn conversations about one or two scenes (follow-up questions, a second image in a later
+turn) are in conversation.py. Fixed, disjoint seeds for the train / val / test splits live in
+splits.py.
 """
 
 from gaze_edge.scenes.render import render

@@ -4,9 +4,11 @@
     folder = train(preset("default"), "runs/default")       # -> runs/default/model
     evaluate(folder, keep_ratio=0.25).object_accuracy         # 500 test scenes by default
 
-Modules: tokenizer (our BPE + chat template), model (tiny LLaVA + processor), data (batches),
-forward (dense / gaze loss), loop (train), evaluate (batched greedy decode, accuracy), compare
-(the dense-vs-gaze table), load (run or model folders). ``python -m gaze_edge.train`` is the CLI.
+Modules: tokenizer (our BPE + chat template), model (tiny LLaVA + processor), data (batches,
+single-turn and conversations), forward (dense / gaze loss), loop (train, or fine-tune with
+init_from), evaluate (batched greedy decode, accuracy), evaluate_chat (multi-turn conversations
+with the model's own answers), compare (the dense-vs-gaze table), load (run or model folders).
+``python -m gaze_edge.train`` is the CLI.
 Importing this package is cheap; torch and transformers load when a function is called.
 """
 

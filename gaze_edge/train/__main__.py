@@ -1,8 +1,10 @@
 """``python -m gaze_edge.train``: train, evaluate and compare GazeScenes models.
 
     python -m gaze_edge.train train --preset default --out runs/default
+    python -m gaze_edge.train train --preset chat --init-from runs/default/model --out runs/chat
     python -m gaze_edge.train eval runs/default --keep-ratio dense --keep-ratio 0.25
     python -m gaze_edge.train compare gaze=runs/default dense=runs/dense --json table.json
+    python -m gaze_edge.train chat-eval gaze_edge/models/default-hf --scenes 500
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (resumes an unfinished run in --out)")
-    t.add_argument("--preset", default="default", help="smoke, default or dense")
+    t.add_argument("--preset", default="default", help="smoke, default, dense or chat")
     t.add_argument("--out", required=True, help="run folder (the model lands in OUT/model)")
     t.add_argument("--steps", type=int, help="override the preset's step count")
     t.add_argument("--seed", type=int, help="override the preset's seed")
     t.add_argument("--gaze-from-step", type=int, help="dense steps before gaze training starts")
+    t.add_argument("--init-from", help="model folder to fine-tune (the chat preset needs one)")
+    t.add_argument("--chat-fraction", type=float, help="share of multi-turn conversation samples")
     t.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--fresh", action="store_true", help="start over instead of resuming")
@@ -46,12 +50,22 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--device")
     c.add_argument("--json", help="write the rows here")
 
+    h = sub.add_parser("chat-eval", help="single-turn and multi-turn (conversation) accuracy")
+    h.add_argument("path")
+    h.add_argument("--keep-ratio", action="append", type=_ratio, help="'dense' or a ratio; repeatable")
+    h.add_argument("--scenes", type=int, default=500)
+    h.add_argument("--split", default="test")
+    h.add_argument("--device")
+    h.add_argument("--threads", type=int, help="torch CPU threads")
+    h.add_argument("--json", help="write the rows here")
+
     args = parser.parse_args(argv)
     if args.command == "train":
         from gaze_edge.train import preset, train
 
         changes = {k: v for k, v in (("steps", args.steps), ("seed", args.seed),
-                                      ("gaze_from_step", args.gaze_from_step)) if v is not None}  # fmt: skip
+                                      ("gaze_from_step", args.gaze_from_step), ("init_from", args.init_from),
+                                      ("chat_fraction", args.chat_fraction)) if v is not None}  # fmt: skip
         folder = train(
             preset(args.preset, **changes), args.out, resume=not args.fresh, progress=not args.no_progress,
             device=args.device, threads=args.threads, on_log=lambda r: print(json.dumps(r), flush=True),
@@ -63,6 +77,22 @@ def main(argv: list[str] | None = None) -> int:
         for row in compare({args.path: args.path}, args.keep_ratio or [None], n_scenes=args.scenes,
                            split=args.split, device=args.device):  # fmt: skip
             print(json.dumps(row), flush=True)
+    elif args.command == "chat-eval":
+        from gaze_edge.train.evaluate_chat import chat_markdown, chat_table
+        from gaze_edge.train.load import load_trained
+        from gaze_edge.train.loop import pick_device
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        net, tokenizer = load_trained(args.path, pick_device(args.device))
+        rows = chat_table(net, tokenizer, args.keep_ratio or [None, 0.25, 0.1], split=args.split,
+                          n_scenes=args.scenes, on_row=lambda r: print(json.dumps(r), flush=True))  # fmt: skip
+        print(chat_markdown(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
     else:
         from gaze_edge.train.compare import compare, markdown_table
 

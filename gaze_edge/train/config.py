@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from gaze_edge.config import GazeConfig
 from gaze_edge.train.model import SMOKE_SPEC, ModelSpec
 
+CHAT_STEPS = 1200
 DEFAULT_GAZE = GazeConfig(region_h=2, region_w=2, n_context_tokens=4, keep_ratio=0.25)
 
 
@@ -22,6 +23,14 @@ class TrainConfig:
     steps, batch_size, lr (peak, after warmup_steps of linear warmup, cosine down to
       lr * min_lr_ratio at the last step), weight_decay, grad_clip: the optimiser (AdamW).
     precision: "bf16" (autocast, on CPU and GPU) or "fp32".
+    chat_fraction: share of training samples that are multi-turn conversations (the last answer
+      supervised, earlier turns as dense prompt); 0 = single-turn only.
+    init_from: a saved model folder (``model/`` of a run, or a shipped checkpoint) whose weights
+      and context tokens the run starts from (fine-tuning) instead of a random init.
+    earlier_first_tokens: in conversations, also supervise the first token of every earlier
+      answer (predicted from the dense prompt at inference too, so the semantics stay exact).
+    micro_batches: each step's batch is computed in this many length-sorted parts (gradients
+      accumulated; the same mean loss), which saves padding when lengths vary (conversations).
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -42,12 +51,18 @@ class TrainConfig:
     log_every: int = 20
     eval_every: int = 0  # 0 = only at the end
     eval_scenes: int = 200  # val scenes scored at each evaluation during training
+    chat_fraction: float = 0.0
+    init_from: str | None = None
+    micro_batches: int = 1
+    earlier_first_tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        if not 0.0 <= self.chat_fraction <= 1.0:
+            raise ValueError(f"chat_fraction must be in [0, 1], got {self.chat_fraction}")
 
     def replace(self, **changes) -> TrainConfig:
         return replace(self, **changes)
@@ -86,10 +101,19 @@ PRESETS: dict[str, TrainConfig] = {
     "default": TrainConfig(gaze=DEFAULT_GAZE, gaze_from_step=1000, eval_every=500),
     # the same model, data and steps, trained densely (the comparison's baseline)
     "dense": TrainConfig(gaze=None, eval_every=500),
+    # the shipped default model since it holds conversations: the single-turn default model
+    # (init_from, e.g. runs/default/model) fine-tuned with gaze on a mix of 30% single-turn
+    # samples and 70% multi-turn conversations (docs/TRAINING.md, "Conversations")
+    "chat": TrainConfig(gaze=DEFAULT_GAZE, gaze_from_step=0, steps=CHAT_STEPS, lr=5e-4, warmup_steps=50,
+                        chat_fraction=0.7, earlier_first_tokens=True, micro_batches=3, eval_every=300,
+                        checkpoint_every=50),
 }  # fmt: skip
 
 
 def preset(name: str, **changes) -> TrainConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
-    return PRESETS[name].replace(**changes) if changes else PRESETS[name]
+    config = PRESETS[name].replace(**changes) if changes else PRESETS[name]
+    if name == "chat" and not config.init_from:
+        raise ValueError("the chat preset fine-tunes a trained model: give init_from (--init-from FOLDER)")
+    return config

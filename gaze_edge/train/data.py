@@ -1,7 +1,11 @@
 """GazeScenes turns as model inputs: token ids, pixel values, answer labels.
 
-The batch of training step ``s`` depends only on (seed, step, batch_size), so a resumed run sees
-exactly the data an uninterrupted one would.
+The batch of training step ``s`` depends only on (seed, step, batch_size) (and the share of
+conversations), so a resumed run sees exactly the data an uninterrupted one would.
+
+A multi-turn sample supervises one answer, the last: everything before it (earlier turns, their
+true answers, every image) is prompt, so it is dense, and gaze starts at the last answer's first
+token, exactly what decoding that answer in a conversation does (GAZE_SPEC.md).
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import numpy as np
 import torch
 
 from gaze_edge.scenes import Example, Scene, make_example, render, sample_scene
+from gaze_edge.scenes.conversation import Conversation, sample_conversation
 from gaze_edge.scenes.splits import SPLIT_SIZE, SPLITS
 from gaze_edge.train.model import IMAGE_MEAN, IMAGE_STD
-from gaze_edge.train.tokenizer import IMAGE, answer_text, prompt_text
+from gaze_edge.train.tokenizer import IMAGE, answer_text, conversation_text, prompt_text
 
 IGNORE = -100
 
@@ -23,17 +28,36 @@ IGNORE = -100
 @dataclass
 class Batch:
     """input_ids, labels: (B, T) (labels = next token to predict at each input, IGNORE off-answer);
-    attention_mask: (B, T); pixel_values: (B, 3, H, W);
-    answer_start: (B,) index of the first answer token in input_ids (the spec's gaze_start)."""
+    attention_mask: (B, T); pixel_values: (n_images, 3, H, W), every row's images in row order;
+    answer_start: (B,) index of the first answer token in input_ids (the spec's gaze_start);
+    n_images: (B,) images in each row (1 for a single-turn sample)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor
     pixel_values: torch.Tensor
     answer_start: torch.Tensor
+    n_images: torch.Tensor
 
     def to(self, device) -> Batch:
         return Batch(*(t.to(device) for t in self.__dict__.values()))
+
+    def split(self, n: int) -> list[Batch]:
+        """The rows in ``n`` groups of similar length (shortest first), each cut to its own
+        longest row: the same samples with less padding to compute (micro-batches)."""
+        lengths = self.attention_mask.sum(1)
+        order = torch.argsort(lengths, stable=True)
+        first_image = torch.cumsum(self.n_images, 0) - self.n_images
+        parts = []
+        for rows in torch.tensor_split(order, n):
+            if len(rows) == 0:
+                continue
+            T = int(lengths[rows].max())
+            images = torch.cat([torch.arange(int(first_image[r]), int(first_image[r] + self.n_images[r]))
+                                for r in rows.tolist()])  # fmt: skip
+            parts.append(Batch(self.input_ids[rows, :T], self.labels[rows, :T], self.attention_mask[rows, :T],
+                               self.pixel_values[images], self.answer_start[rows], self.n_images[rows]))  # fmt: skip
+        return parts
 
 
 def pixel_values(images) -> torch.Tensor:
@@ -65,6 +89,20 @@ class Encoder:
     def answer_ids(self, answer: str) -> list[int]:
         return self.tokenizer(answer_text(answer), add_special_tokens=False).input_ids
 
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of a rendered text, every image placeholder expanded to n_visual_tokens."""
+        out: list[int] = []
+        for i in self.tokenizer(text, add_special_tokens=False).input_ids:
+            out += [i] * self.n_visual_tokens if i == self.image_id else [i]
+        return out
+
+    def conversation_prompt_ids(self, conversation: Conversation, n_turns: int, answers=None) -> list[int]:
+        """The first n_turns turns up to the last one's "ASSISTANT:", with the earlier answers
+        (default: the true ones; pass a model's own to continue its conversation)."""
+        turns = conversation.turns[:n_turns]
+        earlier = [t.answer for t in turns[:-1]] if answers is None else list(answers)[: n_turns - 1]
+        return self.text_ids(conversation_text(turns, earlier))
+
 
 def collate(encoder: Encoder, examples: list[Example], images) -> Batch:
     """Right-padded batch; the loss covers the answer tokens (EOS included)."""
@@ -73,6 +111,18 @@ def collate(encoder: Encoder, examples: list[Example], images) -> Batch:
         p = encoder.prompt_ids(ex.prompt)
         seqs.append(p + encoder.answer_ids(ex.answer))
         starts.append(len(p))
+    return collate_ids(encoder, seqs, starts, images)
+
+
+def collate_ids(
+    encoder: Encoder, seqs: list[list[int]], starts: list[int], images, first_tokens: list[list[int]] | None = None
+) -> Batch:
+    """Right-padded batch of token sequences whose answer starts at ``starts[b]``; ``images`` are
+    every row's images in order (row 0's first), as the reference fills the placeholders.
+    first_tokens: per row, positions of further tokens to predict (earlier answers' first tokens)."""
+    n_images = torch.tensor([seq.count(encoder.image_id) // encoder.n_visual_tokens for seq in seqs])
+    if int(n_images.sum()) != len(images):
+        raise ValueError(f"{len(images)} images for {int(n_images.sum())} image placeholders")
     T = max(map(len, seqs))
     pad = encoder.tokenizer.pad_token_id
     ids = torch.full((len(seqs), T), pad, dtype=torch.long)
@@ -84,7 +134,9 @@ def collate(encoder: Encoder, examples: list[Example], images) -> Batch:
         mask[b, :n] = 1
         # input t predicts token t+1: the last prompt token predicts the first answer token
         labels[b, start - 1 : n - 1] = torch.tensor(seq[start:])
-    return Batch(ids, labels, mask, pixel_values(images), torch.tensor(starts))
+        for p in (first_tokens or [[]] * len(seqs))[b]:
+            labels[b, p - 1] = seq[p]
+    return Batch(ids, labels, mask, pixel_values(images), torch.tensor(starts), n_images)
 
 
 def train_batch(encoder: Encoder, step: int, batch_size: int, seed: int, question_fraction: float) -> Batch:
@@ -94,6 +146,73 @@ def train_batch(encoder: Encoder, step: int, batch_size: int, seed: int, questio
     scenes = [sample_scene(SPLITS["train"] + (first + i) % SPLIT_SIZE) for i in range(batch_size)]
     examples = [make_example(s, rng, question_fraction) for s in scenes]
     return collate(encoder, examples, [render(s) for s in scenes])
+
+
+def conversation_sample(encoder: Encoder, conversation: Conversation) -> tuple[list[int], int]:
+    """(token ids, answer start) of a conversation whose last answer is supervised."""
+    prompt = encoder.conversation_prompt_ids(conversation, len(conversation.turns))
+    return prompt + encoder.answer_ids(conversation.turns[-1].answer), len(prompt)
+
+
+def earlier_answer_starts(encoder: Encoder, conversation: Conversation, ids: list[int]) -> list[int]:
+    """Positions in ``ids`` (``conversation_sample``'s) of the first token of every earlier answer.
+
+    Supervising these is exact: at inference an answer's first token is predicted from the dense
+    prompt (GAZE_SPEC.md), and in the training forward everything before the last answer is dense.
+    Their later tokens are not: they were generated with gaze but sit in the prompt here (dense).
+    """
+    starts = []
+    for t in range(1, len(conversation.turns)):
+        prefix = encoder.conversation_prompt_ids(conversation, t)
+        if ids[: len(prefix)] != prefix:
+            raise ValueError("a conversation prefix does not tokenize as a prefix of the whole")
+        starts.append(len(prefix))
+    return starts
+
+
+def chat_batch(
+    encoder: Encoder,
+    step: int,
+    batch_size: int,
+    seed: int,
+    question_fraction: float,
+    chat_fraction: float,
+    earlier_first_tokens: bool = False,
+) -> Batch:
+    """The training batch of ``step`` with about ``chat_fraction`` multi-turn conversations (the
+    rest single-turn, as ``train_batch``). Row i's first scene is the step's fresh train scene i;
+    a second image comes from another part of the train split (scene index + 5 x 10^8).
+    earlier_first_tokens: also supervise the first token of each earlier answer (exact, see
+    ``earlier_answer_starts``)."""
+    first = (seed * 100_000_000 + step * batch_size) % SPLIT_SIZE
+    rng = random.Random(f"gazescenes-chat-{seed}-{step}")
+    seqs, starts, images, extra = [], [], [], []
+    for i in range(batch_size):
+        scene = sample_scene(SPLITS["train"] + (first + i) % SPLIT_SIZE)
+        if rng.random() < chat_fraction:
+            other = sample_scene(SPLITS["train"] + (first + i + SPLIT_SIZE // 2) % SPLIT_SIZE)
+            conversation = sample_conversation(scene, other, rng, question_fraction)
+            ids, start = conversation_sample(encoder, conversation)
+            scenes = conversation.scenes
+            extra.append(earlier_answer_starts(encoder, conversation, ids) if earlier_first_tokens else [])
+        else:
+            ex = make_example(scene, rng, question_fraction)
+            prompt = encoder.prompt_ids(ex.prompt)
+            ids, start, scenes = prompt + encoder.answer_ids(ex.answer), len(prompt), (scene,)
+            extra.append([])
+        seqs.append(ids)
+        starts.append(start)
+        images += [render(s) for s in scenes]
+    return collate_ids(encoder, seqs, starts, images, extra)
+
+
+def step_batch(encoder: Encoder, config, step: int) -> Batch:
+    """The batch of a training step under a TrainConfig (single-turn only when chat_fraction = 0,
+    exactly the batches the shipped single-turn recipe was trained on)."""
+    if config.chat_fraction > 0:
+        return chat_batch(encoder, step, config.batch_size, config.seed, config.question_fraction,
+                          config.chat_fraction, config.earlier_first_tokens)  # fmt: skip
+    return train_batch(encoder, step, config.batch_size, config.seed, config.question_fraction)
 
 
 def prompt_batch(encoder: Encoder, scenes: list[Scene], prompt: str) -> tuple[torch.Tensor, torch.Tensor]:

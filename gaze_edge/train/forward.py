@@ -44,7 +44,27 @@ def logits(net: torch.nn.Module, batch: Batch, gaze_on: bool) -> torch.Tensor:
     return out.logits
 
 
-def answer_loss(net: torch.nn.Module, batch: Batch, gaze_on: bool) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens (EOS included), in float32."""
+def answer_loss(net: torch.nn.Module, batch: Batch, gaze_on: bool, reduction: str = "mean") -> torch.Tensor:
+    """Mean (or with reduction="sum", summed) cross-entropy of the answer tokens (EOS included),
+    in float32."""
     out = logits(net, batch, gaze_on)
-    return F.cross_entropy(out.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(out.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE,
+                           reduction=reduction)  # fmt: skip
+
+
+def backward_answer_loss(net: torch.nn.Module, batch: Batch, gaze_on: bool, micro_batches: int, autocast) -> torch.Tensor:
+    """Backpropagate the batch's mean answer loss in ``micro_batches`` length-sorted parts (the
+    same loss and gradient as one forward, up to rounding, with less padding); returns the loss."""
+    if micro_batches <= 1:
+        with autocast:
+            loss = answer_loss(net, batch, gaze_on)
+        loss.backward()
+        return loss.detach()
+    n_tokens = int((batch.labels != IGNORE).sum())
+    total = torch.zeros((), device=batch.labels.device)
+    for part in batch.split(micro_batches):
+        with autocast:
+            loss = answer_loss(net, part, gaze_on, reduction="sum") / n_tokens
+        loss.backward()
+        total += loss.detach()
+    return total

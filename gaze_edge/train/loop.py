@@ -3,8 +3,9 @@
 Files in ``out_dir``:
 - ``train_config.json``: the TrainConfig (a resumed run must use the same one);
 - ``state.pt``: the trained network (model and context tokens), optimiser, step and elapsed
-  time (written every ``checkpoint_every`` steps and at the end, atomically; the final one
-  drops the optimiser, and training again from it only re-saves the model folder);
+  time, and for a fine-tune (``config.init_from``) the record of what it started from (written
+  every ``checkpoint_every`` steps and at the end, atomically; the final one drops the
+  optimiser, and training again from it only re-saves the model folder);
 - ``log.jsonl``: one line per ``log_every`` steps (loss, lr, seconds) and per evaluation;
 - ``model/``: the final model, loadable with transformers (plus the gaze checkpoint files).
 """
@@ -21,8 +22,8 @@ from pathlib import Path
 import torch
 
 from gaze_edge.train.config import TrainConfig
-from gaze_edge.train.data import Encoder, train_batch
-from gaze_edge.train.forward import answer_loss, trainee
+from gaze_edge.train.data import Encoder, step_batch
+from gaze_edge.train.forward import backward_answer_loss, trainee
 from gaze_edge.train.model import build_model
 from gaze_edge.train.tokenizer import train_tokenizer
 
@@ -91,6 +92,18 @@ def _truncate_log(out: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
+def load_init(net, folder: str | os.PathLike) -> None:
+    """Start from a saved model's weights (and context tokens): fine-tuning. The folder must hold
+    a model of the run's own architecture (and a gaze checkpoint for a gaze run)."""
+    from gaze_edge.train.load import load_model_folder
+
+    init, _ = load_model_folder(folder)
+    missing, unexpected = net.load_state_dict(init.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{folder} does not match the model being trained (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")  # fmt: skip
+
+
 def _log(out: Path, record: dict) -> None:
     with open(out / LOG_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -131,7 +144,7 @@ def train(
     optimizer = _optimizer(net, config)
     encoder = Encoder(tokenizer, config.model.n_visual_tokens)
 
-    step, elapsed, trained_on = 0, 0.0, []
+    step, elapsed, trained_on, init = 0, 0.0, [], None
     state_path = out / STATE_FILE
     if resume and state_path.exists():
         state = torch.load(state_path, map_location=dev, weights_only=True)
@@ -140,9 +153,16 @@ def train(
             optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed_s"]
         trained_on = list(state.get("trained_on", []))
+        init = json.loads(state["init"]) if state.get("init") else None
         _truncate_log(out, step)
-    elif (out / LOG_FILE).exists():
-        (out / LOG_FILE).unlink()
+    else:
+        if (out / LOG_FILE).exists():
+            (out / LOG_FILE).unlink()
+        if config.init_from:
+            from gaze_edge.train.save import init_record
+
+            init = init_record(config.init_from)  # before training: the folder may be overwritten later
+            load_init(net, config.init_from)
 
     def checkpoint() -> None:
         # a finished run keeps no optimiser state: nothing is left to resume, and the file stays small
@@ -154,6 +174,7 @@ def train(
                 "step": step,
                 "elapsed_s": elapsed,
                 "trained_on": trained_on,
+                "init": json.dumps(init) if init is not None else "",
             },
         )
 
@@ -169,11 +190,9 @@ def train(
         lr = learning_rate(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = train_batch(encoder, step, config.batch_size, config.seed, config.question_fraction).to(dev)
-        with autocast:
-            loss = answer_loss(net, batch, gaze_on)
+        batch = step_batch(encoder, config, step).to(dev)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = backward_answer_loss(net, batch, gaze_on, config.micro_batches, autocast)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
@@ -205,7 +224,7 @@ def train(
     model_dir = out / MODEL_DIR
     from gaze_edge.train.save import save_trained
 
-    save_trained(model_dir, net, tokenizer, config, elapsed, trained_on)
+    save_trained(model_dir, net, tokenizer, config, elapsed, trained_on, init)
     _evaluate_during_training(out, net, tokenizer, config, step, on_log)
     return model_dir
 

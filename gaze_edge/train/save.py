@@ -11,11 +11,28 @@ from gaze_edge.train.model import build_processor
 TRAINING_FILE = "gaze_edge_training.json"
 
 
+def init_record(folder: str | Path) -> dict:
+    """What a fine-tuning run started from: the folder, its weight files' sha256 and its own
+    training record (so the whole recipe stays on file after the folder is overwritten)."""
+    import hashlib
+
+    folder = Path(folder)
+    digests = {}
+    for name in ("model.safetensors", "gaze.safetensors"):
+        if (folder / name).is_file():
+            digests[name] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    training = folder / TRAINING_FILE
+    return {"folder": str(folder), "sha256": digests,
+            "training": json.loads(training.read_text()) if training.is_file() else None}  # fmt: skip
+
+
 def save_trained(
-    folder: Path, net, tokenizer, config: TrainConfig, elapsed_s: float, trained_on: list[str]
+    folder: Path, net, tokenizer, config: TrainConfig, elapsed_s: float, trained_on: list[str],
+    init: dict | None = None,
 ) -> None:
     """Write the model so that AutoModelForImageTextToText / AutoProcessor load it, and (for a
-    gaze-trained net) the gaze settings and context tokens in the reference's checkpoint format."""
+    gaze-trained net) the gaze settings and context tokens in the reference's checkpoint format.
+    init: for a fine-tuning run, ``init_record`` of its starting folder, taken when it started."""
     from gaze_edge.reference import GazeVLM
 
     folder = Path(folder)
@@ -32,4 +49,6 @@ def save_trained(
         "train_seconds": round(elapsed_s, 1),  # optimiser steps only (evaluations excluded)
         "trained_on": trained_on,
     }
+    if init is not None:  # init_record() of the folder the run started from
+        record["init"] = init
     (folder / TRAINING_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -8,6 +8,13 @@ the processor expands to one token per visual token.
 Turn format (what the model is trained on and what the chat template writes)::
 
     <s>USER: <image>\nDescribe the image.\nASSISTANT: top left: red circle.</s>
+
+A conversation continues right after the EOS with the next user turn (no BOS); an image shown
+in a later turn goes before that turn's text. One string, cut into its turns here::
+
+    <s>USER: <image>\nDescribe the image.\nASSISTANT: center: yellow square.</s>
+    USER: What colour is the shape in the center?\nASSISTANT: yellow.</s>
+    USER: <image>\nHow many shapes are there?\nASSISTANT: two.</s>
 """
 
 from __future__ import annotations
@@ -42,6 +49,24 @@ def prompt_text(prompt: str, with_image: bool = True) -> str:
     """The text of a one-turn prompt up to and including "ASSISTANT:" (what CHAT_TEMPLATE writes)."""
     image = IMAGE + "\n" if with_image else ""
     return f"{BOS}{USER} {image}{prompt}\n{ASSISTANT}"
+
+
+def conversation_text(turns, answers) -> str:
+    """The text of a multi-turn prompt up to and including the last turn's "ASSISTANT:".
+
+    turns: the user turns (``.prompt``, ``.new_image``: an image before the text); answers: the
+    assistant's answers to all turns but the last, written as the runtime's conversations pass
+    them back (``content = answer.strip()``; CHAT_TEMPLATE renders "ASSISTANT: " + content + EOS).
+    """
+    if len(answers) < len(turns) - 1:
+        raise ValueError(f"{len(turns)} turns need {len(turns) - 1} earlier answers, got {len(answers)}")
+    parts = [BOS]
+    for i, turn in enumerate(turns):
+        image = IMAGE + "\n" if turn.new_image else ""
+        parts.append(f"{USER} {image}{turn.prompt}\n{ASSISTANT}")
+        if i < len(turns) - 1:
+            parts.append(answer_text(answers[i].strip()))
+    return "".join(parts)
 
 
 def answer_text(answer: str) -> str:
