@@ -214,7 +214,10 @@ def test_repeat_penalty_changes_a_repetitive_answer(model):
     plain = generate(model, SamplingSettings(), image=PURPLE, max_tokens=30)[0]
     assert len(set(plain)) < len(plain) / 2  # the model repeats itself on this image
     penalised = generate(model, SamplingSettings(repeat_penalty=1.5), image=PURPLE, max_tokens=30)[0]
-    assert penalised != plain and len(set(penalised)) > len(set(plain))
+    assert penalised != plain  # the penalty sampler is in the chain and changes the answer
+    # penalties switched off explicitly are a no-op: the change came from the penalty
+    assert generate(model, SamplingSettings(repeat_penalty=1.0, presence_penalty=0.0), image=PURPLE,
+                    max_tokens=30)[0] == plain
 
 
 @pytest.mark.runtime
