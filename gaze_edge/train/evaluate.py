@@ -10,6 +10,7 @@ reference's own one-sequence ``GazeVLM.generate``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -106,22 +107,30 @@ def generate_answers(
     max_new_tokens: int = 64,
 ) -> list[str]:
     """The model's greedy answer to ``prompt`` about each scene (special tokens removed)."""
-    saved = (getattr(net, "gaze_config", None), getattr(net, "enabled", None), net.training)
-    vlm, _ = inference_vlm(net, gaze)
-    vlm.eval()
-    device = vlm.context_tokens.device
-    encoder = Encoder(tokenizer, vlm.model.config.image_seq_length)
     texts = []
-    try:
+    with decoding_vlm(net, gaze) as vlm:
+        device = vlm.context_tokens.device
+        encoder = Encoder(tokenizer, vlm.model.config.image_seq_length)
         for i in range(0, len(scenes), batch_size):
             ids, pixels = prompt_batch(encoder, list(scenes[i : i + batch_size]), prompt)
             rows = greedy_decode(vlm, ids.to(device), pixels.to(device), max_new_tokens, tokenizer.eos_token_id)
             texts += [tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
-    finally:  # a GazeVLM passed in gets its own settings back
+    return texts
+
+
+@contextlib.contextmanager
+def decoding_vlm(net: torch.nn.Module, gaze: GazeConfig | None):
+    """``net`` as a GazeVLM in eval mode decoding with ``gaze`` (``inference_vlm``); a GazeVLM
+    passed in gets its own gaze settings and training mode back afterwards."""
+    saved = (getattr(net, "gaze_config", None), getattr(net, "enabled", None), net.training)
+    vlm, _ = inference_vlm(net, gaze)
+    vlm.eval()
+    try:
+        yield vlm
+    finally:
         if vlm is net:
             net.gaze_config, net.enabled = saved[0], saved[1]
         net.train(saved[2])
-    return texts
 
 
 def evaluate_net(

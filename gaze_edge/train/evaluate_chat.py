@@ -21,7 +21,7 @@ from gaze_edge.config import GazeConfig
 from gaze_edge.scenes import render, score_answers, score_captions, split_scenes
 from gaze_edge.scenes.conversation import Conversation, Turn, follow_up_conversation
 from gaze_edge.train.data import Encoder, pixel_values
-from gaze_edge.train.evaluate import greedy_decode, inference_vlm
+from gaze_edge.train.evaluate import decoding_vlm, greedy_decode
 from gaze_edge.train.tokenizer import conversation_text
 
 CAPTION_TOKENS, ANSWER_TOKENS = 64, 12
@@ -39,15 +39,12 @@ def decode_prompts(
     """Greedy answers to token-id prompts (image placeholders expanded), each with its images
     (PIL, in order); prompts of the same length and image count are decoded in one batch."""
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    saved = (getattr(net, "gaze_config", None), getattr(net, "enabled", None), net.training)
-    vlm, _ = inference_vlm(net, gaze)
-    vlm.eval()
-    device = vlm.context_tokens.device
     groups: dict[tuple[int, int], list[int]] = {}
     for i, ids in enumerate(prompts):
         groups.setdefault((len(ids), len(images[i])), []).append(i)
     texts = [""] * len(prompts)
-    try:
+    with decoding_vlm(net, gaze) as vlm:
+        device = vlm.context_tokens.device
         for rows in groups.values():
             for j in range(0, len(rows), batch_size):
                 part = rows[j : j + batch_size]
@@ -56,10 +53,6 @@ def decode_prompts(
                 out = greedy_decode(vlm, ids, pixels, max(limits[i] for i in part), tokenizer.eos_token_id)
                 for i, row in zip(part, out, strict=True):
                     texts[i] = tokenizer.decode(row[: limits[i]], skip_special_tokens=True).strip()
-    finally:  # a GazeVLM passed in gets its own settings back
-        if vlm is net:
-            net.gaze_config, net.enabled = saved[0], saved[1]
-        net.train(saved[2])
     return texts
 
 
