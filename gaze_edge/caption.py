@@ -29,12 +29,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gaze_edge.errors import ContextOverflowError, GazeEdgeError, ImageError
+from gaze_edge.files import write_atomic
 
 DEFAULT_PROMPT = "Describe the image."
 
@@ -210,7 +210,7 @@ def _prepare(out: Path, resume: bool) -> set[str]:
             kept.append(line)
     repaired = b"".join(line + b"\n" for line in kept)
     if repaired != original:
-        _replace(out, repaired)
+        write_atomic(out, repaired)
     return done
 
 
@@ -222,18 +222,6 @@ def _parse(line: bytes) -> dict | None:
     if not isinstance(record, dict) or not isinstance(record.get("path"), str):
         return None
     return record
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _progress_bar(progress: bool | None, *, total: int, initial: int):

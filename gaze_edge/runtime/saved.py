@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import struct
-import tempfile
-from pathlib import Path
 
 from gaze_edge.errors import GazeEdgeError
 from gaze_edge.runtime import bindings
@@ -106,17 +103,3 @@ def restore(session, data: bytes) -> None:
     session.n_past, session.n_cells = meta["n_past"], meta["n_cells"]
     session._has_logits = False
     session._last_step_gazed = False
-
-
-def write_file(data: bytes, path: str | os.PathLike) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

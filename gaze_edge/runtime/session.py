@@ -371,11 +371,12 @@ class GazeSession:
     def save(self, path: str | os.PathLike | None = None) -> bytes:
         """The session's state (KV cells, tokens, images and their gaze regions) as bytes; also
         written to ``path`` when given (atomically). ``load`` restores it, gaze included."""
+        from gaze_edge.files import write_atomic
         from gaze_edge.runtime import saved
 
         data = saved.dump(self)
         if path is not None:
-            saved.write_file(data, path)
+            write_atomic(path, data)
         return data
 
     def load(self, data_or_path: bytes | str | os.PathLike) -> None:
