@@ -79,3 +79,25 @@ def n_selected(top_k: int, keep_ratio: float, n_regions_total: int) -> int:
         return 0
     k = top_k if top_k > 0 else -(-keep_ratio_ppm(keep_ratio) * n_regions_total // 1_000_000)
     return max(1, min(k, n_regions_total))
+
+
+def visual_kv_fraction(selected: np.ndarray, region_sizes: np.ndarray, n_kv_heads: int | None = None) -> float:
+    """GAZE_SPEC.md "Accounting": the visual KV entries a step reads, as a fraction of all of them.
+
+    selected: (n_layers, S, k) region ids, S = KV heads, or query heads for per_head (then
+    n_kv_heads groups them: query head g + n_gqa * kv_head, as in the query). A KV head reads the
+    union of the regions its query heads selected. The result is grid tokens read, summed over
+    layers and KV heads, / (grid tokens x layers x KV heads).
+    """
+    selected = np.asarray(selected)
+    region_sizes = np.asarray(region_sizes)
+    n_layers, n_sel_heads, _ = selected.shape
+    n_kv = n_kv_heads or n_sel_heads
+    if n_sel_heads % n_kv:
+        raise ValueError(f"{n_sel_heads} selections per layer do not group into {n_kv} KV heads")
+    read = np.zeros((n_layers, n_kv, region_sizes.shape[0]), dtype=bool)
+    groups = np.arange(n_sel_heads) // (n_sel_heads // n_kv)
+    for h in range(n_sel_heads):
+        read[np.arange(n_layers)[:, None], groups[h], selected[:, h, :]] = True
+    used = (read * region_sizes).sum()
+    return float(used) / float(region_sizes.sum() * n_layers * n_kv)

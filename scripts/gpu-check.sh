@@ -5,9 +5,11 @@
 #   scripts/gpu-check.sh run      on the GPU machine (with .gpu/llama.tgz carried along; logs to $OUT)
 #
 # `run` builds test-backend-ops and test-gaze with -DGGML_CUDA=ON (sm_90, the lent H100/H200), then
-# runs test-backend-ops -b CUDA0 for the gaze decode flash-attention cases and every other op the
-# gaze graph uses, and test-gaze --gpu: the gaze decode steps with all layers offloaded against the
-# dense step over a cache with the unselected regions removed, selections and the registry.
+# runs test-backend-ops -b CUDA0 for the gaze decode flash-attention cases (failing when CUDA skips
+# one as not supported) and every other op the gaze graph uses, and test-gaze --gpu: the gaze decode
+# steps with all layers offloaded against the dense step over a cache with the unselected regions
+# removed, selections, the registry, and every node of a gaze step supported by the GPU (each score
+# mode, mask and gather) with no flash-attention mask that CUDA would send back to the CPU.
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 case "${1:-}" in
@@ -34,6 +36,10 @@ run)
   fail=0
   ./build/bin/test-backend-ops test -b CUDA0 -o FLASH_ATTN_EXT -p mask_gaze=1 > "$OUT/fa_gaze.log" 2>&1 || fail=1
   echo "[FLASH_ATTN_EXT mask_gaze] $(tail -1 "$OUT/fa_gaze.log")"
+  # test-backend-ops skips what a backend does not support: every gaze layout must run on CUDA
+  n_fa=$(grep -c "mask_gaze=1" "$OUT/fa_gaze.log"); n_skip=$(grep "mask_gaze=1" "$OUT/fa_gaze.log" | grep -ci "not supported")
+  echo "[FLASH_ATTN_EXT mask_gaze] $n_fa cases, $n_skip not supported"
+  { [ "$n_fa" -gt 0 ] && [ "$n_skip" -eq 0 ]; } || fail=1
   for op in GET_ROWS SET_ROWS TOP_K MEAN SUM_ROWS MUL ADD REPEAT CONCAT CPY CONT; do
     ./build/bin/test-backend-ops test -b CUDA0 -o $op > "$OUT/op_$op.log" 2>&1 || fail=1
     echo "[$op] $(tail -1 "$OUT/op_$op.log")"

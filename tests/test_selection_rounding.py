@@ -76,3 +76,24 @@ def test_runtime_selects_the_spec_k_over_a_sweep(tmp_path):
                 if got != n_selected(0, ratio, n):
                     mismatches.append((ratio, n, got, n_selected(0, ratio, n)))
     assert not mismatches, mismatches[:10]
+
+
+def test_visual_kv_fraction_counts_kv_heads():
+    """GAZE_SPEC.md "Accounting": per_head selections of one KV head's query heads count once per
+    region they read (the union), not once per query head."""
+    import numpy as np
+
+    from gaze_edge.config import visual_kv_fraction
+
+    sizes = np.array([4, 4, 2, 1])  # 11 grid tokens
+    # one layer, 2 KV heads x 2 query heads each, k = 1
+    same = np.array([[[0], [0], [3], [3]]])  # each group agrees: KV head 0 reads region 0, KV head 1 region 3
+    assert visual_kv_fraction(same, sizes, n_kv_heads=2) == (4 + 1) / (11 * 2)
+    apart = np.array([[[0], [1], [2], [3]]])  # the query heads of each group disagree: unions {0, 1}, {2, 3}
+    assert visual_kv_fraction(apart, sizes, n_kv_heads=2) == (4 + 4 + 2 + 1) / (11 * 2)
+    # counted per query head (the old rule) the second case would read 11 / 44
+    assert visual_kv_fraction(apart, sizes, n_kv_heads=None) == 11 / 44
+    # a selection per KV head (gqa_mean): S == KV heads, nothing to group
+    assert visual_kv_fraction(np.array([[[0, 1], [2, 3]]]), sizes, n_kv_heads=2) == (8 + 3) / 22
+    with np.testing.assert_raises(ValueError):
+        visual_kv_fraction(np.zeros((1, 3, 1), dtype=int), sizes, n_kv_heads=2)

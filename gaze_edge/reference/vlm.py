@@ -18,14 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from transformers import DynamicCache
-
-from gaze_edge.config import GazeConfig
+from gaze_edge.config import GazeConfig, visual_kv_fraction
 from gaze_edge.reference.attention import GazeState, LayerSelection, install_gaze_attention, text_model_of
 from gaze_edge.reference.families import ImageFeatures, family_of
 from gaze_edge.reference.selection import selected_region_ids
 from gaze_edge.reference.sequence import GazeSequence, build_sequence, gazing_queries
+from torch import nn
+from transformers import DynamicCache
 
 
 @dataclass
@@ -46,14 +45,14 @@ class GazeTrace:
     k: int
     n_regions: int
     region_sizes: torch.Tensor | None = None
+    n_kv_heads: int | None = None
 
     def visual_kv_fraction(self) -> float:
-        """GAZE_SPEC.md "Accounting": grid tokens in the selected regions, summed over layers and
-        heads, / (grid tokens x layers x heads)."""
+        """GAZE_SPEC.md "Accounting": grid tokens read, summed over layers and KV heads, / (grid
+        tokens x layers x KV heads); a KV head reads the union of its query heads' regions."""
         if self.region_sizes is None:
             raise ValueError("this trace carries no region sizes")
-        used = self.region_sizes[self.selected].sum()
-        return float(used) / float(self.region_sizes.sum() * self.selected.shape[0] * self.selected.shape[1])
+        return visual_kv_fraction(self.selected.cpu().numpy(), self.region_sizes.cpu().numpy(), self.n_kv_heads)
 
     def margins(self) -> torch.Tensor:
         """``(n_layers, S_scored)``: the k-th highest score minus the (k+1)-th (inf when every
@@ -107,7 +106,8 @@ def trace_from_selections(
         ids.append(selected_region_ids(sel))
         scores.append(layer_scores)
     selected = torch.stack(ids)
-    return GazeTrace(selected, torch.stack(scores), selected.shape[-1], scores[0].shape[-1], region_sizes)
+    return GazeTrace(selected, torch.stack(scores), selected.shape[-1], scores[0].shape[-1], region_sizes,
+                     n_kv_heads)
 
 
 class GazeVLM(nn.Module):

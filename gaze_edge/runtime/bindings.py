@@ -12,7 +12,7 @@ import ctypes
 from typing import Any
 
 # The gaze API version this module speaks (LLAMA_GAZE_VERSION in the patched llama.h).
-REQUIRED_GAZE_VERSION = 2
+REQUIRED_GAZE_VERSION = 3
 
 BUILD_HINT = "build it with `gaze-edge runtime build` (or `make runtime` in a checkout)"
 
@@ -98,15 +98,15 @@ llama_gaze_set_enabled = _bind("llama_gaze_set_enabled", [_ctx_p, ctypes.c_bool]
 # LLAMA_API bool llama_gaze_get_enabled(const struct llama_context * ctx);
 llama_gaze_get_enabled = _bind("llama_gaze_get_enabled", [_ctx_p], ctypes.c_bool)
 
-# LLAMA_API void llama_gaze_set_top_k(struct llama_context * ctx, int32_t top_k, float keep_ratio);
-llama_gaze_set_top_k = _bind("llama_gaze_set_top_k", [_ctx_p, ctypes.c_int32, ctypes.c_float], None)
+# LLAMA_API bool llama_gaze_set_top_k(struct llama_context * ctx, int32_t top_k, float keep_ratio);
+llama_gaze_set_top_k = _bind("llama_gaze_set_top_k", [_ctx_p, ctypes.c_int32, ctypes.c_float], ctypes.c_bool)
 # LLAMA_API void llama_gaze_get_top_k(const struct llama_context * ctx, int32_t * top_k, float * keep_ratio);
 llama_gaze_get_top_k = _bind(
     "llama_gaze_get_top_k", [_ctx_p, _int32_p, ctypes.POINTER(ctypes.c_float)], None
 )
 
-# LLAMA_API void llama_gaze_set_score_mode(struct llama_context * ctx, enum llama_gaze_score_mode mode);
-llama_gaze_set_score_mode = _bind("llama_gaze_set_score_mode", [_ctx_p, ctypes.c_int], None)
+# LLAMA_API bool llama_gaze_set_score_mode(struct llama_context * ctx, enum llama_gaze_score_mode mode);
+llama_gaze_set_score_mode = _bind("llama_gaze_set_score_mode", [_ctx_p, ctypes.c_int], ctypes.c_bool)
 # LLAMA_API enum llama_gaze_score_mode llama_gaze_get_score_mode(const struct llama_context * ctx);
 llama_gaze_get_score_mode = _bind("llama_gaze_get_score_mode", [_ctx_p], ctypes.c_int)
 

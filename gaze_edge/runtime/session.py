@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from gaze_edge import gguf_names
+from gaze_edge.config import visual_kv_fraction
 from gaze_edge.errors import ContextOverflowError
 from gaze_edge.runtime import bindings
 
@@ -71,12 +72,12 @@ class StepTrace:
     k: int
     n_regions: int
     region_sizes: np.ndarray
+    n_kv_heads: int | None = None
 
     def visual_kv_fraction(self) -> float:
-        """GAZE_SPEC.md "Accounting": grid tokens of the selected regions, summed over layers and
-        heads, / (grid tokens x layers x heads)."""
-        used = self.region_sizes[self.selected].sum()
-        return float(used) / float(self.region_sizes.sum() * self.selected.shape[0] * self.selected.shape[1])
+        """GAZE_SPEC.md "Accounting": grid tokens read, summed over layers and KV heads, / (grid
+        tokens x layers x KV heads); a KV head reads the union of its query heads' regions."""
+        return visual_kv_fraction(self.selected, self.region_sizes, self.n_kv_heads)
 
 
 class GazeSession:
@@ -153,13 +154,13 @@ class GazeSession:
             bindings.llama_gaze_set_enabled(self._ctx, bool(gaze))
         if keep_regions is not None or keep_ratio is not None:
             cur_k, cur_ratio = self.selection()
-            bindings.llama_gaze_set_top_k(
-                self._ctx,
-                keep_regions if keep_regions is not None else (0 if keep_ratio is not None else cur_k),
-                keep_ratio if keep_ratio is not None else cur_ratio,
-            )
+            k = keep_regions if keep_regions is not None else (0 if keep_ratio is not None else cur_k)
+            ratio = keep_ratio if keep_ratio is not None else cur_ratio
+            if not bindings.llama_gaze_set_top_k(self._ctx, k, ratio):
+                raise ValueError(f"llama.cpp refused keep_regions={k}, keep_ratio={ratio}")
         if score_mode is not None:
-            bindings.llama_gaze_set_score_mode(self._ctx, gguf_names.SCORE_MODE_IDS[score_mode])
+            if not bindings.llama_gaze_set_score_mode(self._ctx, gguf_names.SCORE_MODE_IDS[score_mode]):
+                raise ValueError(f"llama.cpp refused score_mode={score_mode!r}")
         if gather is not None:
             bindings.llama_gaze_set_gather(self._ctx, bool(gather))
         if trace is not None:
@@ -418,7 +419,7 @@ class GazeSession:
                 sel = np.repeat(sel, self.model.n_head_kv, axis=0)
             per_layer.append(sel)
         sizes = np.concatenate([img.region_sizes() for img in sorted(images.values(), key=lambda im: im.pos)])
-        return StepTrace(np.stack(per_layer), int(per_layer[0].shape[-1]), r0, sizes)
+        return StepTrace(np.stack(per_layer), int(per_layer[0].shape[-1]), r0, sizes, self.model.n_head_kv)
 
     # --- lifetime ----------------------------------------------------------------------------
 
