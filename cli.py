@@ -134,9 +134,31 @@ def _load_model(model_path: str | None, threads: int | None, verbose: bool, *, m
 
     if mmproj and not model_path:
         raise click.UsageError("--mmproj goes with -m/--model")
+    meta = click.get_current_context().meta  # --gaze-region / --context-tokens (model_options)
+    if "context_tokens" in meta and "gaze_region" not in meta:
+        raise click.UsageError("--context-tokens goes with --gaze-region")
     return GazeModel.load(model_path or default_model_dir(), mmproj, n_threads=threads, verbose=verbose,
                           n_ctx=n_ctx, n_gpu_layers=gpu_layers, image_min_tokens=image_min_tokens,
-                          image_max_tokens=image_max_tokens)
+                          image_max_tokens=image_max_tokens, gaze_region=meta.get("gaze_region"),
+                          context_tokens=meta.get("context_tokens", 1))
+
+
+def _remember(key: str, convert=None):
+    """A click callback keeping an option's value in ctx.meta (for _load_model), not as an argument."""
+
+    def callback(ctx, param, value):
+        if value is not None:
+            ctx.meta[key] = convert(value) if convert else value
+        return value
+
+    return callback
+
+
+def _gaze_region_option(value: str) -> tuple[int, int]:
+    try:
+        return _parse_region(value)
+    except click.BadParameter as e:
+        raise click.BadParameter(f"--gaze-region: {e.message}") from None
 
 
 def model_options(func):
@@ -158,6 +180,12 @@ def model_options(func):
         click.option("--image-max-tokens", type=click.IntRange(1),
                      help="Most visual tokens per image (dynamic-resolution projectors, e.g. Qwen2-VL)."),
         click.option("-t", "--threads", type=click.IntRange(1), help="CPU threads (default: physical cores)."),
+        click.option("--gaze-region", expose_value=False, callback=_remember("gaze_region", _gaze_region_option),
+                     metavar="HxW", help="Gaze with a model not converted for it (e.g. a community GGUF pair): "
+                                         "regions of HxW grid tokens and pooled context tokens."),
+        click.option("--context-tokens", type=click.IntRange(0, 64), expose_value=False,
+                     callback=_remember("context_tokens"),
+                     help="With --gaze-region: context tokens pooled from each image [default: 1]."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -453,26 +481,61 @@ def convert(src: str, outdir: str, outtype: str, name: str | None) -> None:
     click.echo(mmproj)
 
 
+CONTEXT_TOKEN_MODES = ("learned", "pooled")  # gaze_edge.config.CONTEXT_TOKEN_MODES (tests check they agree)
+SCORE_MODES = ("gqa_mean", "per_head", "layer_mean", "gqa_max")  # gaze_edge.config.SCORE_MODES
+
+
+class _ContextTokens(click.ParamType):
+    """``learned`` or ``pooled``; a number is the older spelling of ``--n-context-tokens N`` (learned)."""
+
+    name = "learned|pooled"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or str(value).isdigit():
+            if not 0 <= int(value) <= 64:
+                self.fail(f"{value} context tokens: expected 0 to 64", param, ctx)
+            return int(value)
+        if value in CONTEXT_TOKEN_MODES:
+            return value
+        self.fail(f"expected learned or pooled, got {value!r}", param, ctx)
+
+
 @main.command("make-gaze")
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--region", default="2x2", show_default=True, help="Region size HxW in grid tokens.")
-@click.option("--context-tokens", default=1, show_default=True, type=click.IntRange(0, 64))
+@click.option("--context-tokens", "context_mode", default="learned", show_default=True, type=_ContextTokens(),
+              help="learned: a tensor saved with the model, initialised from the mean image embedding; "
+                   "pooled: computed from each image's own embeddings at run time (nothing saved).")
+@click.option("--n-context-tokens", default=1, show_default=True, type=click.IntRange(0, 64),
+              help="Context tokens after every image.")
 @click.option("--keep-ratio", default=0.25, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--keep-regions", "top_k", default=0, show_default=True, type=click.IntRange(0),
               help="Regions kept per step (the checkpoint's gaze top_k); > 0 overrides --keep-ratio.")
+@click.option("--score-mode", default="gqa_mean", show_default=True, type=click.Choice(SCORE_MODES),
+              help="How regions are scored (docs/GAZE_SPEC.md): gqa_max keeps a region one query head wants.")
+@click.option("--dense-layers", "n_dense_layers", default=0, show_default=True, type=click.IntRange(0),
+              help="The first N text layers attend to every image token at gaze steps.")
 @handle_errors
-def make_gaze(src: str, dst: str, region: str, context_tokens: int, keep_ratio: float, top_k: int) -> None:
+def make_gaze(src: str, dst: str, region: str, context_mode: str | int, n_context_tokens: int,
+              keep_ratio: float, top_k: int, score_mode: str, n_dense_layers: int) -> None:
     """Turn a dense HF checkpoint into a gaze checkpoint ("training-free" gaze).
 
-    Context tokens start as the mean image embedding; fine-tune for best results.
+    Learned context tokens start as the mean image embedding (fine-tune or distil for best
+    results); pooled ones need no tensor.
     """
     from gaze_edge.checkpoint import dense_to_gaze
     from gaze_edge.config import GazeConfig
 
+    if isinstance(context_mode, int):  # --context-tokens N: the count, as before
+        given = click.get_current_context().get_parameter_source("n_context_tokens")
+        if given != click.core.ParameterSource.DEFAULT and n_context_tokens != context_mode:
+            raise click.UsageError("--context-tokens N and --n-context-tokens disagree: give the count once")
+        context_mode, n_context_tokens = "learned", context_mode
     rh, rw = _parse_region(region)
-    cfg = GazeConfig(region_h=rh, region_w=rw, n_context_tokens=context_tokens, top_k=top_k,
-                     keep_ratio=keep_ratio)
+    cfg = GazeConfig(region_h=rh, region_w=rw, n_context_tokens=n_context_tokens, top_k=top_k,
+                     keep_ratio=keep_ratio, score_mode=score_mode, n_dense_layers=n_dense_layers,
+                     context_tokens=context_mode)
     dense_to_gaze(src, dst, cfg)
     click.echo(dst)
 

@@ -87,7 +87,7 @@ def convert(src: str | os.PathLike, outdir: str | os.PathLike, outtype: str = "f
         keys, tensors = gaze.mmproj_keys(gaze_parts), gaze.mmproj_tensors(gaze_parts)
         parts = [llama_cpp.Part("text", folder, text_converter(family, config), llm_base, base, name,
                                 pre_tokenizer_fallback=pre_tokenizer_fallback(folder),
-                                extra_keys=gaze.llm_keys(gaze_parts))]
+                                extra_keys=gaze.llm_keys(gaze_parts, _text_layers(config)))]
         if family.mmproj == MMPROJ_LLAMA_CPP:
             parts.append(llama_cpp.Part("mmproj", folder, config["architectures"][0], mmproj_base, base, name,
                                         extra_keys=keys, extra_tensors=tensors))
@@ -108,3 +108,9 @@ def convert(src: str | os.PathLike, outdir: str | os.PathLike, outtype: str = "f
     _say(progress, f"wrote {llm_path} and {mmproj_path}")
     return llm_path, mmproj_path
 
+
+def _text_layers(config: dict) -> int | None:
+    """The text model's layer count from an HF config (LLaVA's text_config, Qwen2-VL's own)."""
+    text = config.get("text_config") or config
+    n = text.get("num_hidden_layers", config.get("num_hidden_layers"))
+    return int(n) if n is not None else None

@@ -151,7 +151,8 @@ def tiny_checkpoint(family: str, outdir: str | Path, *, text: str = "llama", see
       256 lets every matrix take q4_K blocks when quantized.
     image_size, vision_feature_layer: LLaVA's CLIP input size and feature layer.
     gaze: when given, make it a gaze checkpoint: config.json gets a ``gaze`` object and
-      gaze.safetensors holds ``context_tokens`` [n_context_tokens, n_embd_text] (random).
+      gaze.safetensors holds ``context_tokens`` [n_context_tokens, n_embd_text] (random; no file
+      for pooled context tokens).
     Returns outdir.
     """
     outdir = Path(outdir)
@@ -171,10 +172,14 @@ def tiny_checkpoint(family: str, outdir: str | Path, *, text: str = "llama", see
 
 
 def write_gaze(outdir: str | Path, gaze: GazeConfig, n_embd: int, seed: int = 0) -> None:
-    """Turn the checkpoint in outdir into a gaze checkpoint with random context tokens [C, n_embd]."""
+    """Turn the checkpoint in outdir into a gaze checkpoint with random context tokens [C, n_embd]
+    (none for pooled context tokens)."""
     import torch
 
     from gaze_edge.checkpoint import write_gaze as write
 
+    if gaze.pooled:
+        write(outdir, gaze, None)
+        return
     g = torch.Generator().manual_seed(seed + 2)
     write(outdir, gaze, 0.02 * torch.randn(gaze.n_context_tokens, n_embd, generator=g))

@@ -3,9 +3,11 @@
 Layout (docs/FORMAT.md):
 - the model folder exactly as ``save_pretrained`` writes it (loads unchanged with transformers);
 - ``config.json`` gains a top-level ``"gaze"`` object: ``GazeConfig.to_dict()`` (region_h,
-  region_w, n_context_tokens, top_k, keep_ratio, score_mode);
+  region_w, n_context_tokens, top_k, keep_ratio, score_mode, n_dense_layers, context_tokens;
+  the last two default to 0 and "learned" when an older checkpoint lacks them);
 - ``gaze.safetensors`` holds one f32 tensor ``context_tokens`` of shape
-  ``(n_context_tokens, text hidden size)`` (0 rows when n_context_tokens is 0).
+  ``(n_context_tokens, text hidden size)`` (0 rows when n_context_tokens is 0). A checkpoint
+  with pooled context tokens (``"context_tokens": "pooled"``) has no gaze.safetensors.
 
 API:
 - ``save_gaze(folder, vlm)``: add the gaze parts of a ``GazeVLM`` to a folder that already holds
@@ -59,23 +61,33 @@ def text_hidden_size(config: dict) -> int:
     return int(size)
 
 
-def write_gaze(folder: str | Path, gaze_config: GazeConfig, context_tokens: torch.Tensor) -> None:
+def write_gaze(folder: str | Path, gaze_config: GazeConfig, context_tokens: torch.Tensor | None) -> None:
     """Add the gaze object to ``folder/config.json`` and write ``folder/gaze.safetensors``.
 
-    context_tokens: ``(n_context_tokens, hidden)``, stored as f32.
+    context_tokens: ``(n_context_tokens, hidden)``, stored as f32. Pooled context tokens have no
+    tensor (None or 0 rows): no gaze.safetensors is written and an old one is removed.
     """
     from safetensors.torch import save_file
 
     folder = Path(folder)
     config = _read_config(folder)
-    want = (gaze_config.n_context_tokens, text_hidden_size(config))
-    if tuple(context_tokens.shape) != want:
-        raise GazeCheckpointError(
-            f"context_tokens have shape {list(context_tokens.shape)}, the gaze settings and the text model "
-            f"need [n_context_tokens={want[0]}, hidden_size={want[1]}]"
-        )
-    tensor = context_tokens.detach().to("cpu", torch.float32).contiguous()
-    save_file({CONTEXT_TOKENS: tensor}, str(folder / WEIGHTS_FILE), metadata={"gaze_format": FORMAT_VERSION})
+    if gaze_config.pooled:
+        if context_tokens is not None and context_tokens.shape[0]:
+            raise GazeCheckpointError(
+                f"pooled context tokens take no learned tensor, got {list(context_tokens.shape)}"
+            )
+        (folder / WEIGHTS_FILE).unlink(missing_ok=True)
+    else:
+        want = (gaze_config.n_context_tokens, text_hidden_size(config))
+        shape = None if context_tokens is None else list(context_tokens.shape)
+        if shape != list(want):
+            raise GazeCheckpointError(
+                f"context_tokens have shape {shape}, the gaze settings and the text model "
+                f"need [n_context_tokens={want[0]}, hidden_size={want[1]}]"
+            )
+        tensor = context_tokens.detach().to("cpu", torch.float32).contiguous()
+        metadata = {"gaze_format": FORMAT_VERSION}
+        save_file({CONTEXT_TOKENS: tensor}, str(folder / WEIGHTS_FILE), metadata=metadata)
     config[CONFIG_KEY] = gaze_config.to_dict()
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -103,7 +115,8 @@ def is_gaze_checkpoint(folder: str | Path) -> bool:
 
 
 def load_gaze(folder: str | Path) -> tuple[GazeConfig, torch.Tensor]:
-    """The gaze settings and the ``(n_context_tokens, hidden)`` f32 context tokens of a folder."""
+    """The gaze settings and the ``(n_context_tokens, hidden)`` f32 context tokens of a folder
+    (``(0, hidden)`` for pooled context tokens, which have no learned tensor)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -115,6 +128,13 @@ def load_gaze(folder: str | Path) -> tuple[GazeConfig, torch.Tensor]:
     except (TypeError, ValueError) as err:
         raise GazeCheckpointError(f"invalid gaze settings in {folder / CONFIG_FILE}: {err}") from err
     path = folder / WEIGHTS_FILE
+    if gaze_config.pooled:
+        if path.exists():
+            raise GazeCheckpointError(
+                f"{path} is present but the gaze settings pool the context tokens (no learned tensor): "
+                "remove it, or set context_tokens to \"learned\""
+            )
+        return gaze_config, torch.zeros(0, text_hidden_size(config))
     if not path.is_file():
         raise GazeCheckpointError(f"{path} not found (it holds the context tokens the gaze settings need)")
     try:
@@ -200,21 +220,26 @@ def dense_to_gaze(
     """Make a gaze checkpoint from a dense checkpoint of a supported family.
 
     Every file of ``src`` is copied unchanged (weights, tokenizer, processor) except config.json,
-    which gains the gaze object; the context tokens come from ``mean_image_context_tokens`` over
-    ``image_kwargs`` (the images GazeVLM takes; default: ``calibration_images(model)``, four seeded
-    noise images at the native size).
+    which gains the gaze object; learned context tokens come from ``mean_image_context_tokens``
+    over ``image_kwargs`` (the images GazeVLM takes; default: ``calibration_images(model)``, four
+    seeded noise images at the native size). Pooled context tokens need no images and no tensor.
     """
     from gaze_edge.reference import GazeVLM
+    from gaze_edge.reference.families import family_of
 
     src, dst = Path(src), Path(dst)
     if is_gaze_checkpoint(src):
         raise GazeCheckpointError(f"{src} is already a gaze checkpoint")
     if dst.exists() and any(dst.iterdir()):
         raise GazeCheckpointError(f"{dst} exists and is not empty")
-    model = load_model(src, dtype=torch.float32).eval()
-    probe = GazeVLM(model, gaze_config.replace(n_context_tokens=0))
-    images = image_kwargs if image_kwargs is not None else calibration_images(model, seed=seed)
-    context_tokens = mean_image_context_tokens(probe, images, gaze_config.n_context_tokens, seed=seed)
+    context_tokens = None
+    if gaze_config.pooled:  # nothing to compute: the model is not loaded (a 7B one would need 28 GB)
+        family_of(_read_config(src).get("model_type", "?"))
+    else:
+        model = load_model(src, dtype=torch.float32).eval()
+        probe = GazeVLM(model, gaze_config.replace(n_context_tokens=0))
+        images = image_kwargs if image_kwargs is not None else calibration_images(model, seed=seed)
+        context_tokens = mean_image_context_tokens(probe, images, gaze_config.n_context_tokens, seed=seed)
     shutil.copytree(src, dst, dirs_exist_ok=True)
     write_gaze(dst, gaze_config, context_tokens)
     return dst

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-SCORE_MODES = ("gqa_mean", "per_head", "layer_mean")
+SCORE_MODES = ("gqa_mean", "per_head", "layer_mean", "gqa_max")
+CONTEXT_TOKEN_MODES = ("learned", "pooled")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,10 @@ class GazeConfig:
     top_k: regions kept per decode step (> 0 takes precedence over keep_ratio).
     keep_ratio: fraction of all regions kept when top_k == 0.
     score_mode: one of SCORE_MODES.
+    n_dense_layers: the first n_dense_layers layers of the text model attend densely at gaze steps
+      (every layer when it is >= the layer count); the others gaze.
+    context_tokens: "learned" (a tensor shipped with the model) or "pooled" (computed at run time
+      from each image's own grid embeddings, GAZE_SPEC.md "Pooled context tokens"; no tensor).
     """
 
     region_h: int = 2
@@ -30,6 +35,8 @@ class GazeConfig:
     top_k: int = 0
     keep_ratio: float = 0.25
     score_mode: str = "gqa_mean"
+    n_dense_layers: int = 0
+    context_tokens: str = "learned"
 
     def __post_init__(self) -> None:
         if self.region_h < 1 or self.region_w < 1:
@@ -42,12 +49,23 @@ class GazeConfig:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}")
+        if self.n_dense_layers < 0:
+            raise ValueError(f"n_dense_layers must be >= 0, got {self.n_dense_layers}")
+        if self.context_tokens not in CONTEXT_TOKEN_MODES:
+            raise ValueError(
+                f"context_tokens must be one of {CONTEXT_TOKEN_MODES}, got {self.context_tokens!r}"
+            )
 
     def n_selected(self, n_regions_total: int) -> int:
         """k for a sequence holding n_regions_total regions (GAZE_SPEC.md, Selection)."""
         if n_regions_total <= 0:
             return 0
         return n_selected(self.top_k, self.keep_ratio, n_regions_total)
+
+    @property
+    def pooled(self) -> bool:
+        """True when the context tokens are pooled from each image (no learned tensor)."""
+        return self.context_tokens == "pooled"
 
     def replace(self, **changes) -> GazeConfig:
         return GazeConfig(**{**asdict(self), **changes})
@@ -57,6 +75,8 @@ class GazeConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> GazeConfig:
+        """The inverse of to_dict; fields a dict lacks (checkpoints older than them) take their
+        defaults, unknown fields are an error."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -81,13 +101,17 @@ def n_selected(top_k: int, keep_ratio: float, n_regions_total: int) -> int:
     return max(1, min(k, n_regions_total))
 
 
-def visual_kv_fraction(selected: np.ndarray, region_sizes: np.ndarray, n_kv_heads: int | None = None) -> float:
+def visual_kv_fraction(
+    selected: np.ndarray, region_sizes: np.ndarray, n_kv_heads: int | None = None, n_dense_layers: int = 0
+) -> float:
     """GAZE_SPEC.md "Accounting": the visual KV entries a step reads, as a fraction of all of them.
 
-    selected: (n_layers, S, k) region ids, S = KV heads, or query heads for per_head (then
-    n_kv_heads groups them: query head g + n_gqa * kv_head, as in the query). A KV head reads the
-    union of the regions its query heads selected. The result is grid tokens read, summed over
-    layers and KV heads, / (grid tokens x layers x KV heads).
+    selected: (n_gazed_layers, S, k) region ids of the layers that gazed, S = KV heads, or query
+    heads for per_head (then n_kv_heads groups them: query head g + n_gqa * kv_head, as in the
+    query). A KV head reads the union of the regions its query heads selected. n_dense_layers:
+    layers that attended densely at this step (``n_dense_layers`` of the config, at most the layer
+    count); each reads every visual entry. The result is grid tokens read, summed over layers and
+    KV heads, / (grid tokens x (n_dense_layers + n_gazed_layers) x KV heads).
     """
     selected = np.asarray(selected)
     region_sizes = np.asarray(region_sizes)
@@ -95,9 +119,38 @@ def visual_kv_fraction(selected: np.ndarray, region_sizes: np.ndarray, n_kv_head
     n_kv = n_kv_heads or n_sel_heads
     if n_sel_heads % n_kv:
         raise ValueError(f"{n_sel_heads} selections per layer do not group into {n_kv} KV heads")
+    if n_dense_layers < 0 or n_layers + n_dense_layers == 0:
+        raise ValueError(f"no layers to account for ({n_layers} gazed, {n_dense_layers} dense)")
     read = np.zeros((n_layers, n_kv, region_sizes.shape[0]), dtype=bool)
     groups = np.arange(n_sel_heads) // (n_sel_heads // n_kv)
     for h in range(n_sel_heads):
         read[np.arange(n_layers)[:, None], groups[h], selected[:, h, :]] = True
-    used = (read * region_sizes).sum()
-    return float(used) / float(region_sizes.sum() * n_layers * n_kv)
+    grid = int(region_sizes.sum())
+    used = int((read * region_sizes).sum()) + grid * n_kv * n_dense_layers
+    return float(used) / float(grid * (n_layers + n_dense_layers) * n_kv)
+
+
+def pooled_context_tiles(grid_h: int, grid_w: int, n_tokens: int) -> list[tuple[int, int, int, int]]:
+    """GAZE_SPEC.md "Pooled context tokens": the grid block each pooled context token averages.
+
+    The grid is split into th x tw tiles, th = the largest divisor of n_tokens with th <= sqrt(n_tokens),
+    tw = n_tokens / th; tile (i, j) covers rows floor(i*H/th) .. floor((i+1)*H/th) - 1 and cols
+    floor(j*W/tw) .. floor((j+1)*W/tw) - 1. Returns one ``(row_start, row_end, col_start, col_end)``
+    (ends exclusive) per token, tiles in raster order; a tile that would be empty (more tiles than
+    the grid has rows or columns) is the whole grid ``(0, H, 0, W)``.
+    """
+    if grid_h < 1 or grid_w < 1:
+        raise ValueError(f"grid must be at least 1x1, got {grid_h}x{grid_w}")
+    if n_tokens < 0:
+        raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
+    if n_tokens == 0:
+        return []
+    th = max(d for d in range(1, math.isqrt(n_tokens) + 1) if n_tokens % d == 0)
+    tw = n_tokens // th
+    tiles = []
+    for i in range(th):
+        r0, r1 = i * grid_h // th, (i + 1) * grid_h // th
+        for j in range(tw):
+            c0, c1 = j * grid_w // tw, (j + 1) * grid_w // tw
+            tiles.append((r0, r1, c0, c1) if r1 > r0 and c1 > c0 else (0, grid_h, 0, grid_w))
+    return tiles

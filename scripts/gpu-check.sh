@@ -40,7 +40,7 @@ run)
   n_fa=$(grep -c "mask_gaze=1" "$OUT/fa_gaze.log"); n_skip=$(grep "mask_gaze=1" "$OUT/fa_gaze.log" | grep -ci "not supported")
   echo "[FLASH_ATTN_EXT mask_gaze] $n_fa cases, $n_skip not supported"
   { [ "$n_fa" -gt 0 ] && [ "$n_skip" -eq 0 ]; } || fail=1
-  for op in GET_ROWS SET_ROWS TOP_K MEAN SUM_ROWS MUL ADD REPEAT CONCAT CPY CONT; do
+  for op in GET_ROWS SET_ROWS TOP_K MEAN SUM_ROWS MUL ADD REPEAT CONCAT CPY CONT POOL_2D; do
     ./build/bin/test-backend-ops test -b CUDA0 -o $op > "$OUT/op_$op.log" 2>&1 || fail=1
     echo "[$op] $(tail -1 "$OUT/op_$op.log")"
   done

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from gaze_edge.config import GazeConfig
+from gaze_edge.config import GazeConfig, pooled_context_tiles
 from gaze_edge.convert import convert
 from gaze_edge.convert.tiny import tiny_checkpoint
 
@@ -43,6 +43,8 @@ SETTINGS = [
     dict(top_k=0, keep_ratio=0.25),
     dict(top_k=3, score_mode="per_head"),
     dict(top_k=3, score_mode="layer_mean"),
+    dict(top_k=3, score_mode="gqa_max"),
+    dict(top_k=1, n_dense_layers=1),
 ]
 
 
@@ -88,7 +90,8 @@ def run(model, vlm, family: str, settings: dict, gather: bool, kv_type: str = "f
 
     _, sizes, (before, between, after) = FAMILIES[family]
     s = model.session(keep_regions=settings.get("top_k"), keep_ratio=settings.get("keep_ratio"),
-                      score_mode=settings.get("score_mode"), gather=gather, kv_type=kv_type)
+                      score_mode=settings.get("score_mode"), gather=gather, kv_type=kv_type,
+                      n_dense_layers=settings.get("n_dense_layers"))
     s.add_text(before)
     s.add_image(Image.fromarray(image(*sizes[0], seed=0)), keep_embeddings=True)
     s.add_text(between)
@@ -103,10 +106,18 @@ def run(model, vlm, family: str, settings: dict, gather: bool, kv_type: str = "f
             ids += [image_token] * n_grid
             features.append(torch.from_numpy(item.embeddings[:n_grid]))
             grids.append(item.grid)
-            np.testing.assert_allclose(item.embeddings[n_grid:], vlm.context_tokens.detach().numpy(), atol=1e-6)
+            if vlm.gaze_config.pooled:  # mtmd pooled them from the grid: the spec's tiles, by hand
+                grid = item.embeddings[:n_grid].reshape(item.grid[0], item.grid[1], -1)
+                tiles = pooled_context_tiles(item.grid[0], item.grid[1], vlm.gaze_config.n_context_tokens)
+                want = np.stack([grid[r0:r1, c0:c1].reshape(-1, grid.shape[-1]).mean(0) for r0, r1, c0, c1 in tiles])
+                np.testing.assert_allclose(item.embeddings[n_grid:], want, rtol=1e-5, atol=1e-6)
+            else:
+                np.testing.assert_allclose(item.embeddings[n_grid:], vlm.context_tokens.detach().numpy(), atol=1e-6)
         else:
             ids.append(item)
-    vlm.gaze_config = GAZE.replace(**settings)
+    # the selection settings of this run; regions and context tokens stay the checkpoint's
+    selection = {f: getattr(GAZE.replace(**settings), f) for f in ("top_k", "keep_ratio", "score_mode", "n_dense_layers")}
+    vlm.gaze_config = vlm.gaze_config.replace(**selection)
     ref = vlm.prefill(torch.tensor([ids]), image_features=ImageFeatures(features, grids))
     rt_logits = s.logits()
     yield -1, rt_logits, None, ref.logits.float().numpy(), None
@@ -166,3 +177,26 @@ def test_a_q8_0_cache_stays_close_to_the_reference(tmp_path):
         for settings in (dict(top_k=1), dict(top_k=3, score_mode="layer_mean")):
             check(model, vlm, "llava", settings, gather=False, kv_type="q8_0", min_cos=0.995, margin=2e-2,
                   min_compared=0.5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_plain_gguf_pair_gazes_with_pooled_context_tokens(tmp_path, family):
+    """A dense checkpoint converted as it is (no gaze keys: a community GGUF pair) gazes when loaded
+    with gaze_region and pooled context tokens, and equals the reference's pooled gaze
+    (make-gaze --context-tokens pooled of the same checkpoint) step by step."""
+    from gaze_edge.checkpoint import dense_to_gaze, load_gaze_vlm
+    from gaze_edge.runtime.model import GazeModel
+
+    kwargs = FAMILIES[family][0]
+    dense = tiny_checkpoint(family, tmp_path / "dense", gaze=None, seed=2, **kwargs)
+    llm, _ = convert(dense, tmp_path / "gguf", outtype="f32", progress=False)
+    pooled = GAZE.replace(n_context_tokens=4, context_tokens="pooled")
+    dense_to_gaze(dense, tmp_path / "gaze", pooled)
+    vlm = load_gaze_vlm(tmp_path / "gaze", dtype=torch.float32)
+    with GazeModel.load(llm.parent, n_threads=2) as plain:
+        assert plain.gaze_defaults().region_h is None  # nothing in the files says gaze
+    with GazeModel.load(llm.parent, n_threads=2, gaze_region=(2, 2), context_tokens=4) as model:
+        d = model.gaze_defaults()
+        assert (d.region_h, d.region_w, d.n_context_tokens, d.context_tokens) == (2, 2, 4, "pooled")
+        for settings in (dict(top_k=1), dict(top_k=3, score_mode="gqa_max")):
+            check(model, vlm, family, settings, gather=False)

@@ -97,3 +97,10 @@ def test_visual_kv_fraction_counts_kv_heads():
     assert visual_kv_fraction(np.array([[[0, 1], [2, 3]]]), sizes, n_kv_heads=2) == (8 + 3) / 22
     with np.testing.assert_raises(ValueError):
         visual_kv_fraction(np.zeros((1, 3, 1), dtype=int), sizes, n_kv_heads=2)
+    # dense first layers (n_dense_layers): each reads every grid token of every KV head, and
+    # `selected` holds the gazed layers only; 0 is the rule above
+    assert visual_kv_fraction(apart, sizes, n_kv_heads=2, n_dense_layers=0) == (4 + 4 + 2 + 1) / (11 * 2)
+    assert visual_kv_fraction(apart, sizes, n_kv_heads=2, n_dense_layers=1) == (11 * 2 + 11) / (11 * 2 * 2)
+    assert visual_kv_fraction(same, sizes, n_kv_heads=2, n_dense_layers=3) == (11 * 2 * 3 + 5) / (11 * 2 * 4)
+    # every layer dense: no gazed rows, everything read
+    assert visual_kv_fraction(np.zeros((0, 4, 1), dtype=int), sizes, n_kv_heads=2, n_dense_layers=2) == 1.0

@@ -6,6 +6,7 @@ Pure functions (no model needed):
   ``selected_region_ids``, ``visible_tokens``
 - sequence: ``build_sequence`` -> ``GazeSequence`` (context-token insertion, 1-D / M-RoPE positions),
   ``gazing_queries`` (the gaze_start rule of full-sequence forwards)
+- context: ``pooled_context_tokens`` (context tokens pooled from an image's grid embeddings)
 
 Hooked into transformers (no fork):
 - attention: ``install_gaze_attention``, ``GazeState``, ``gaze_visibility``
@@ -19,6 +20,7 @@ from gaze_edge.reference.attention import (
     install_gaze_attention,
     uninstall_gaze_attention,
 )
+from gaze_edge.reference.context import pooled_context_tokens
 from gaze_edge.reference.families import FAMILIES, ImageFeatures, family_of
 from gaze_edge.reference.regions import count_regions, grid_token_regions, region_token_counts
 from gaze_edge.reference.selection import (
@@ -52,6 +54,7 @@ __all__ = [
     "gazing_queries",
     "grid_token_regions",
     "install_gaze_attention",
+    "pooled_context_tokens",
     "region_descriptors",
     "region_scores",
     "region_token_counts",

@@ -10,9 +10,10 @@ The vision tower keeps its own implementation. Each gaze function wraps the mode
   model computes exactly what it computed before (dense);
 - called with ``gaze=GazeState(...)`` (the text model forwards unknown keyword arguments down to
   its attention functions), every query marked in ``state.query_gazes`` attends only to its
-  visible tokens (GAZE_SPEC.md, steps 1-4): the gaze visibility is folded into the attention mask
-  (excluded tokens get the mask's minimum, i.e. weight exactly 0 after the softmax) and the base
-  function runs with that mask. When every region is selected the mask is unchanged, so
+  visible tokens (GAZE_SPEC.md, steps 1-4) in every layer from ``config.n_dense_layers`` on (the
+  layers before it run the base function unchanged: dense); the gaze visibility is folded into
+  the attention mask (excluded tokens get the mask's minimum, i.e. weight exactly 0 after the
+  softmax) and the base function runs with that mask. When every region is selected the mask is unchanged, so
   ``top_k >= n_regions`` is bit-for-bit dense.
 
 The selection runs on detached queries and keys (hard top-k, no gradient); the attention over
@@ -77,7 +78,8 @@ class GazeState:
       are dense). Set per forward.
     descriptors: per layer ``(B, Hkv, R, D)``; computed from the cached keys the first time a
       layer gazes and kept (the cached keys of the image never change in this reference).
-    trace: when not None, each layer's ``LayerSelection`` of the current forward is stored here.
+    trace: when not None, each gazing layer's ``LayerSelection`` of the current forward is stored
+      here (keyed by layer index; the dense first layers have none).
     """
 
     config: GazeConfig
@@ -100,6 +102,11 @@ class GazeState:
     def applies(self) -> bool:
         return self.max_regions > 0 and bool(self.query_gazes.any())
 
+    def gazes_in(self, layer: int) -> bool:
+        """Whether text layer ``layer`` gazes (GAZE_SPEC.md "Dense first layers": the first
+        ``n_dense_layers`` layers attend densely, at every query)."""
+        return layer >= self.config.n_dense_layers
+
 
 def _key_regions(state: GazeState, n_keys: int) -> torch.Tensor:
     """token_region cut or padded (non-grid) to the cached key count: ``(B, Lk)``."""
@@ -111,7 +118,8 @@ def _key_regions(state: GazeState, n_keys: int) -> torch.Tensor:
 
 
 def gaze_visibility(layer: int, query: torch.Tensor, key: torch.Tensor, state: GazeState) -> torch.Tensor:
-    """Bool ``(B, Hq, Lq, Lk)``: the tokens each query head may see (all tokens for dense queries).
+    """Bool ``(B, Hq, Lq, Lk)``: the tokens each query head may see (all tokens for dense queries),
+    in a layer that gazes (the hook does not call it for the dense first layers).
 
     query: ``(B, Hq, Lq, D)`` post-RoPE; key: ``(B, Hkv, Lk, D)`` the whole cache, post-RoPE.
     Only the query positions that gaze in some row are scored (the others are dense anyway).
@@ -175,7 +183,7 @@ def _make_gaze_attention(base: str) -> Callable:
         **kwargs,
     ):
         function = _base_function(module, base)
-        if gaze is not None and gaze.applies():
+        if gaze is not None and gaze.applies() and gaze.gazes_in(module.layer_idx):
             visible = gaze_visibility(module.layer_idx, query, key, gaze)
             attention_mask = _apply_visibility(attention_mask, visible, query, base)
         return function(module, query, key, value, attention_mask, **kwargs)

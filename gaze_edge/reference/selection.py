@@ -3,7 +3,8 @@
 Shapes: ``B`` batch, ``Hq`` query heads, ``Hkv`` KV heads (``G = Hq // Hkv`` query heads share
 one, grouped like transformers' ``repeat_kv``: query head ``i`` uses KV head ``i // G``), ``Lq``
 queries, ``Lk`` cached keys, ``R`` regions (the most any batch row holds), ``D`` head dim,
-``S`` selection heads (``Hkv`` for gqa_mean, ``Hq`` for per_head, ``1`` for layer_mean).
+``S`` selection heads (``Hkv`` for gqa_mean and gqa_max, ``Hq`` for per_head, ``1`` for
+layer_mean).
 
 ``token_region`` (``(B, Lk)`` long) gives each cached token's region index in its sequence, with
 all image chunks numbered together (image order, then raster order) and ``-1`` for every
@@ -53,7 +54,9 @@ def region_scores(query: torch.Tensor, descriptors: torch.Tensor, score_mode: st
     - ``gqa_mean``: ``qbar[h]`` = mean of the queries of KV head ``h``'s group, S = Hkv;
     - ``per_head``: each query head with its own query against its KV head's descriptors, S = Hq;
     - ``layer_mean``: mean over all query heads of their per-head scores, S = 1 (by linearity the
-      mean over KV heads of the gqa_mean scores).
+      mean over KV heads of the gqa_mean scores);
+    - ``gqa_max``: the max over KV head ``h``'s query heads of their per-head scores, S = Hkv (one
+      sharp head keeps its regions).
     """
     batch, n_heads, n_queries, head_dim = query.shape
     n_kv_heads = descriptors.shape[1]
@@ -61,8 +64,11 @@ def region_scores(query: torch.Tensor, descriptors: torch.Tensor, score_mode: st
         raise ValueError(f"{n_heads} query heads do not group onto {n_kv_heads} KV heads")
     group = n_heads // n_kv_heads
     q = query.to(descriptors.dtype)
-    if score_mode == "per_head":
-        return q @ descriptors.repeat_interleave(group, dim=1).transpose(-1, -2)
+    if score_mode in ("per_head", "gqa_max"):
+        per_head = q @ descriptors.repeat_interleave(group, dim=1).transpose(-1, -2)  # (B, Hq, Lq, R)
+        if score_mode == "per_head":
+            return per_head
+        return per_head.view(batch, n_kv_heads, group, n_queries, -1).amax(dim=2)
     qbar = q.view(batch, n_kv_heads, group, n_queries, head_dim).mean(dim=2)
     scores = qbar @ descriptors.transpose(-1, -2)  # (B, Hkv, Lq, R)
     if score_mode == "gqa_mean":
@@ -110,9 +116,9 @@ def visible_tokens(selected: torch.Tensor, token_region: torch.Tensor, n_heads: 
 
     selected: bool ``(B, S, Lq, R)``; token_region: ``(B, Lk)``; n_heads = Hq.
     Returns bool ``(B, Hq, Lq, Lk)``: True for every non-grid token and for the grid tokens of the
-    regions selected for that query head (its KV head's selection in gqa_mean, its own in
-    per_head, the layer's in layer_mean). Causality is not applied here: the caller intersects
-    this with the causal / padding mask.
+    regions selected for that query head (its KV head's selection in gqa_mean and gqa_max, its
+    own in per_head, the layer's in layer_mean). Causality is not applied here: the caller
+    intersects this with the causal / padding mask.
     """
     batch, n_sel, n_queries, n_total = selected.shape
     if n_sel == 1:

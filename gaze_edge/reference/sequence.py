@@ -3,8 +3,11 @@
 ``build_sequence`` takes the token embeddings of a batch whose image placeholders are to be
 filled with image features (as transformers' processors lay them out: one placeholder per
 grid token), fills them, and appends the ``C`` context tokens right after the last grid token of
-every image chunk. It returns everything the gaze hook needs: the embeddings, the positions
-(1-D RoPE or M-RoPE), the region of every token, and where each input token went.
+every image chunk: the learned ones (one shared set), or, with ``config.context_tokens ==
+"pooled"``, each image's own pooled from its grid embeddings (``reference.context``); both kinds
+take the same place, positions and attention. It returns everything the gaze hook needs: the
+embeddings, the positions (1-D RoPE or M-RoPE), the region of every token, and where each input
+token went.
 
 Positions, per the spec:
 - 1-D RoPE (``rope="1d"``): ``0, 1, 2, ...`` over the whole sequence, context tokens included
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from gaze_edge.config import GazeConfig
+from gaze_edge.reference.context import pooled_context_tokens
 from gaze_edge.reference.regions import count_regions, grid_token_regions
 from gaze_edge.reference.selection import NON_GRID
 
@@ -167,12 +171,33 @@ class _Row:
             self._append(context, positions, torch.full((n,), NON_GRID), True)
 
 
+def _image_context_tokens(
+    image_features: list[torch.Tensor],
+    grids: list[tuple[int, int]],
+    context_tokens: torch.Tensor | None,
+    config: GazeConfig,
+    embeds: torch.Tensor,
+) -> list[torch.Tensor]:
+    """The context tokens that follow each image, in ``embeds``' dtype: the shared learned set,
+    or each image's pooled ones."""
+    if not config.pooled:
+        if context_tokens is None:
+            raise ValueError("learned context tokens are needed (context_tokens is None)")
+        return [context_tokens.to(embeds.dtype)] * len(grids)
+    if context_tokens is not None and context_tokens.shape[0]:
+        raise ValueError(f"pooled context tokens take no learned tensor, got {context_tokens.shape[0]} rows")
+    return [
+        pooled_context_tokens(f.to(embeds.dtype), h, w, config.n_context_tokens).to(embeds.dtype)
+        for f, (h, w) in zip(image_features, grids, strict=True)
+    ]
+
+
 def build_sequence(
     token_embeds: torch.Tensor,
     image_token_mask: torch.Tensor,
     image_features: list[torch.Tensor],
     grids: list[tuple[int, int]],
-    context_tokens: torch.Tensor,
+    context_tokens: torch.Tensor | None,
     config: GazeConfig,
     rope: str = "1d",
     attention_mask: torch.Tensor | None = None,
@@ -185,8 +210,11 @@ def build_sequence(
       ``grid_h * grid_w`` consecutive placeholders.
     image_features: per image ``(grid_h * grid_w, E)`` in raster order. grids: per image
       ``(grid_h, grid_w)``.
-    context_tokens: ``(C, E)``; ``C`` may be 0 (then the sequence is the model's own).
-    config: region size (``region_h``, ``region_w``). rope: "1d" or "mrope".
+    context_tokens: ``(C, E)`` learned context tokens; ``C`` may be 0 (then the sequence is the
+      model's own). With ``config.context_tokens == "pooled"`` there are none (None or 0 rows):
+      every image gets ``config.n_context_tokens`` tokens pooled from its grid embeddings as the
+      grid tokens carry them (after the cast to ``token_embeds``' dtype).
+    config: region size (``region_h``, ``region_w``), context-token mode. rope: "1d" or "mrope".
     attention_mask: ``(B, L)`` or None.
     """
     if rope not in ROPE_KINDS:
@@ -206,13 +234,14 @@ def build_sequence(
     if image_features:
         features = torch.cat(image_features).to(token_embeds.dtype)
         embeds = token_embeds.masked_scatter(image_token_mask[..., None], features)
-    context = context_tokens.to(embeds.dtype)
+    contexts = _image_context_tokens(image_features, grids, context_tokens, config, embeds)
 
     rows: list[_Row] = []
     image_index = 0
     for b in range(batch):
         placeholders = torch.nonzero(image_token_mask[b]).flatten()
         sizes, row_grids = [], []
+        first_image = image_index
         while sum(sizes) < len(placeholders):
             row_grids.append(grids[image_index])
             sizes.append(grids[image_index][0] * grids[image_index][1])
@@ -222,7 +251,9 @@ def build_sequence(
         )
         row = _Row(embeds[b], valid, rope)
         cursor = 0
-        for (start, end), grid in zip(_image_runs(placeholders, sizes), row_grids, strict=True):
+        runs = _image_runs(placeholders, sizes)
+        row_contexts = contexts[first_image:image_index]
+        for (start, end), grid, context in zip(runs, row_grids, row_contexts, strict=True):
             row.add_text(cursor, start)
             row.add_grid(start, end, grid, config, context.shape[0])
             row.add_context(context)

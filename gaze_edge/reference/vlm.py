@@ -18,26 +18,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from transformers import DynamicCache
+
 from gaze_edge.config import GazeConfig, visual_kv_fraction
 from gaze_edge.reference.attention import GazeState, LayerSelection, install_gaze_attention, text_model_of
 from gaze_edge.reference.families import ImageFeatures, family_of
 from gaze_edge.reference.selection import selected_region_ids
 from gaze_edge.reference.sequence import GazeSequence, build_sequence, gazing_queries
-from torch import nn
-from transformers import DynamicCache
 
 
 @dataclass
 class GazeTrace:
-    """The regions one gaze step selected, per layer.
+    """The regions one gaze step selected, per gazing layer.
 
-    selected: LongTensor ``(n_layers, S, k)`` region ids ascending, ``S`` = KV heads for gqa_mean
-      and layer_mean (the layer's one selection repeated for every KV head), query heads for
-      per_head. Region ids number all image chunks together (image order, then raster order).
-    scores: ``(n_layers, S_scored, R)`` f32 (f64 for an f64 model), ``S_scored`` = KV heads,
-      query heads, or 1 (layer_mean).
+    selected: LongTensor ``(n_layers - n_dense_layers, S, k)`` region ids ascending; row ``i`` is
+      text layer ``n_dense_layers + i`` (the dense first layers select nothing and have no row).
+      ``S`` = KV heads for gqa_mean, gqa_max and layer_mean (the layer's one selection repeated
+      for every KV head), query heads for per_head. Region ids number all image chunks together
+      (image order, then raster order).
+    scores: ``(n_layers - n_dense_layers, S_scored, R)`` f32 (f64 for an f64 model),
+      ``S_scored`` = KV heads, query heads, or 1 (layer_mean).
     k: regions selected per head; n_regions: regions in the sequence.
     region_sizes: ``(R,)`` grid tokens per region (edge regions may be smaller), or None.
+    n_kv_heads: KV heads (groups per_head's query-head rows for the accounting).
+    n_dense_layers: the layers that attended densely at this step (the config's
+      ``n_dense_layers``, at most the layer count), so ``n_layers = n_dense_layers +
+      selected.shape[0]``.
     """
 
     selected: torch.Tensor
@@ -46,13 +53,16 @@ class GazeTrace:
     n_regions: int
     region_sizes: torch.Tensor | None = None
     n_kv_heads: int | None = None
+    n_dense_layers: int = 0
 
     def visual_kv_fraction(self) -> float:
         """GAZE_SPEC.md "Accounting": grid tokens read, summed over layers and KV heads, / (grid
-        tokens x layers x KV heads); a KV head reads the union of its query heads' regions."""
+        tokens x layers x KV heads); a KV head reads the union of its query heads' regions, a
+        dense layer reads every grid token."""
         if self.region_sizes is None:
             raise ValueError("this trace carries no region sizes")
-        return visual_kv_fraction(self.selected.cpu().numpy(), self.region_sizes.cpu().numpy(), self.n_kv_heads)
+        selected, sizes = self.selected.cpu().numpy(), self.region_sizes.cpu().numpy()
+        return visual_kv_fraction(selected, sizes, self.n_kv_heads, self.n_dense_layers)
 
     def margins(self) -> torch.Tensor:
         """``(n_layers, S_scored)``: the k-th highest score minus the (k+1)-th (inf when every
@@ -96,8 +106,13 @@ def trace_from_selections(
     region_sizes: torch.Tensor | None = None,
 ) -> GazeTrace:
     """A GazeTrace for one query position (row 0) from per-layer selections (a decode step has
-    one query, position 0)."""
+    one query, position 0). The selections are those of the gazing layers, ``n_dense_layers ..
+    n_layers - 1`` (the trace's ``n_dense_layers`` is the first of them)."""
     layers = sorted(selections)
+    if not layers:
+        raise ValueError("no layer gazed: no selections to trace")
+    if layers != list(range(layers[0], layers[0] + len(layers))):
+        raise ValueError(f"the gazing layers {layers} are not the last layers in a row")
     ids, scores = [], []
     for layer in layers:
         layer_scores, sel = selections[layer].at(query)  # (S, R) each
@@ -107,7 +122,7 @@ def trace_from_selections(
         scores.append(layer_scores)
     selected = torch.stack(ids)
     return GazeTrace(selected, torch.stack(scores), selected.shape[-1], scores[0].shape[-1], region_sizes,
-                     n_kv_heads)
+                     n_kv_heads, layers[0])
 
 
 class GazeVLM(nn.Module):
@@ -116,9 +131,12 @@ class GazeVLM(nn.Module):
     model: ``LlavaForConditionalGeneration``, ``Qwen2VLForConditionalGeneration`` or
       ``Qwen2_5_VLForConditionalGeneration`` (text attention "eager" or "sdpa"; gaze is hooked in,
       nothing is copied).
-    gaze_config: region size, ``n_context_tokens``, k rule, score mode.
+    gaze_config: region size, ``n_context_tokens``, context-token mode, k rule, score mode, dense
+      first layers.
     context_tokens: ``(n_context_tokens, hidden)``; None draws them from N(0, s^2), ``s`` = the std
-      of the input embedding matrix, with ``torch.Generator().manual_seed(seed)``.
+      of the input embedding matrix, with ``torch.Generator().manual_seed(seed)``. Pooled context
+      tokens (``gaze_config.context_tokens == "pooled"``) have no learned tensor: None (or 0 rows),
+      and ``self.context_tokens`` is an empty ``(0, hidden)`` parameter.
     enabled: False makes every forward dense (context tokens still inserted): "gaze off".
     """
 
@@ -136,15 +154,17 @@ class GazeVLM(nn.Module):
         self.gaze_config = gaze_config
         self.enabled = True
         hidden = self.text_model.config.hidden_size
+        n_learned = 0 if gaze_config.pooled else gaze_config.n_context_tokens
         if context_tokens is None:
             embedding = self.model.get_input_embeddings().weight
             generator = torch.Generator().manual_seed(seed)
             std = float(embedding.detach().float().std())
-            context_tokens = torch.randn(gaze_config.n_context_tokens, hidden, generator=generator) * std
-        if tuple(context_tokens.shape) != (gaze_config.n_context_tokens, hidden):
+            context_tokens = torch.randn(n_learned, hidden, generator=generator) * std
+        if tuple(context_tokens.shape) != (n_learned, hidden):
+            what = "pooled context tokens take no learned tensor: " if gaze_config.pooled else ""
             raise ValueError(
-                f"context_tokens {tuple(context_tokens.shape)} != (n_context_tokens, hidden) = "
-                f"({gaze_config.n_context_tokens}, {hidden})"
+                f"{what}context_tokens {tuple(context_tokens.shape)} != (learned context tokens, hidden) = "
+                f"({n_learned}, {hidden})"
             )
         self.context_tokens = nn.Parameter(context_tokens.detach().clone())
         install_gaze_attention(model)
@@ -306,8 +326,23 @@ class GazeVLM(nn.Module):
         if gaze:
             region = state.token_region[0].cpu()
             sizes = torch.bincount(region[region >= 0], minlength=state.max_regions)
-            trace = trace_from_selections(state.trace, self.n_kv_heads, region_sizes=sizes)
+            if state.trace:
+                trace = trace_from_selections(state.trace, self.n_kv_heads, region_sizes=sizes)
+            else:  # n_dense_layers >= the layer count: every layer was dense
+                trace = self._all_dense_trace(state, sizes)
         return StepOutput(self.model.lm_head(hidden[0, -1]), trace)
+
+    def _all_dense_trace(self, state: GazeState, region_sizes: torch.Tensor) -> GazeTrace:
+        """The trace of a gaze step in which no layer gazed: no rows, every layer dense."""
+        config = self.text_model.config
+        n_heads, mode = config.num_attention_heads, state.config.score_mode
+        n_sel = n_heads if mode == "per_head" else self.n_kv_heads
+        n_scored = {"per_head": n_heads, "layer_mean": 1}.get(mode, self.n_kv_heads)
+        k = int(state.k[0])
+        selected = torch.empty(0, n_sel, k, dtype=torch.long)
+        scores = torch.empty(0, n_scored, state.max_regions)
+        return GazeTrace(selected, scores, k, state.max_regions, region_sizes, self.n_kv_heads,
+                         config.num_hidden_layers)
 
     @torch.no_grad()
     def generate(

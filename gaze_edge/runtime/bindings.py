@@ -12,7 +12,7 @@ import ctypes
 from typing import Any
 
 # The gaze API version this module speaks (LLAMA_GAZE_VERSION in the patched llama.h).
-REQUIRED_GAZE_VERSION = 3
+REQUIRED_GAZE_VERSION = 4
 
 BUILD_HINT = "build it with `gaze-edge runtime build` (or `make runtime` in a checkout)"
 
@@ -110,6 +110,11 @@ llama_gaze_set_score_mode = _bind("llama_gaze_set_score_mode", [_ctx_p, ctypes.c
 # LLAMA_API enum llama_gaze_score_mode llama_gaze_get_score_mode(const struct llama_context * ctx);
 llama_gaze_get_score_mode = _bind("llama_gaze_get_score_mode", [_ctx_p], ctypes.c_int)
 
+# LLAMA_API bool llama_gaze_set_n_dense_layers(struct llama_context * ctx, int32_t n_dense_layers);
+llama_gaze_set_n_dense_layers = _bind("llama_gaze_set_n_dense_layers", [_ctx_p, ctypes.c_int32], ctypes.c_bool)
+# LLAMA_API int32_t llama_gaze_get_n_dense_layers(const struct llama_context * ctx);
+llama_gaze_get_n_dense_layers = _bind("llama_gaze_get_n_dense_layers", [_ctx_p], ctypes.c_int32)
+
 # LLAMA_API void llama_gaze_set_gather(struct llama_context * ctx, bool gather);
 llama_gaze_set_gather = _bind("llama_gaze_set_gather", [_ctx_p, ctypes.c_bool], None)
 # LLAMA_API bool llama_gaze_get_gather(const struct llama_context * ctx);
@@ -159,6 +164,12 @@ def _bind_mtmd(name: str, argtypes: list[Any], restype: Any):
 mtmd_gaze_get_params = _bind_mtmd(
     "mtmd_gaze_get_params", [ctypes.c_void_p, _int32_p, _int32_p, _int32_p], ctypes.c_bool
 )
+# MTMD_API bool mtmd_gaze_set_params(mtmd_context * ctx, int32_t region_w, int32_t region_h, int32_t n_ctx_tokens);
+mtmd_gaze_set_params = _bind_mtmd(
+    "mtmd_gaze_set_params", [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], ctypes.c_bool
+)
+# MTMD_API bool mtmd_gaze_get_ctx_pooled(const mtmd_context * ctx);
+mtmd_gaze_get_ctx_pooled = _bind_mtmd("mtmd_gaze_get_ctx_pooled", [ctypes.c_void_p], ctypes.c_bool)
 # MTMD_API void mtmd_image_tokens_get_grid(const mtmd_image_tokens * image_tokens, int32_t * nx, int32_t * ny);
 mtmd_image_tokens_get_grid = _bind_mtmd(
     "mtmd_image_tokens_get_grid", [ctypes.c_void_p, _int32_p, _int32_p], None

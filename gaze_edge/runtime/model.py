@@ -106,6 +106,23 @@ def open_projector(mmproj: Path, model_p, *, n_threads: int, use_gpu: bool, imag
     return mtmd_p
 
 
+def _plain_gaze(mtmd_p, region: tuple[int, int], context_tokens: int) -> str | None:
+    """Gaze settings for a projector without learned context tokens; the reason when refused."""
+    rh, rw = (int(v) for v in region)
+    if rh < 1 or rw < 1 or not 0 <= int(context_tokens) <= 64:
+        return f"gaze region must be at least 1x1 and context tokens 0 to 64, got {rh}x{rw} and {context_tokens}"
+    if not mtmd_p:
+        return "gaze needs the model's projector (--mmproj)"
+    if bindings.mtmd_gaze_get_params(mtmd_p, None, None, None) and not bindings.mtmd_gaze_get_ctx_pooled(mtmd_p):
+        n = ctypes.c_int32(0)
+        bindings.mtmd_gaze_get_params(mtmd_p, None, None, ctypes.byref(n))
+        if n.value > 0:
+            return "this projector has learned gaze context tokens: its gaze settings come with it (drop the region)"
+    if not bindings.mtmd_gaze_set_params(mtmd_p, rw, rh, int(context_tokens)):
+        return f"mtmd refused gaze region {rh}x{rw} with {context_tokens} context tokens{_why()}"
+    return None
+
+
 def _why() -> str:
     """": <what llama.cpp logged as errors>" or "" (gaze_edge.runtime.logs)."""
     said = logs.take_errors()
@@ -126,6 +143,8 @@ class GazeDefaults:
     keep_regions: int  # the GGUF's gaze top_k: regions kept per step, 0 = use keep_ratio
     keep_ratio: float
     score_mode: str
+    n_dense_layers: int = 0
+    context_tokens: str | None = None  # "learned", "pooled", or None without context tokens
 
 
 class GazeModel:
@@ -163,6 +182,8 @@ class GazeModel:
         conversation_memory: int | None = None,
         image_min_tokens: int | None = None,
         image_max_tokens: int | None = None,
+        gaze_region: tuple[int, int] | None = None,
+        context_tokens: int = 1,
         verbose: bool = False,
     ) -> GazeModel:
         """Load ``path`` (see ``find_model_files``): the language model, then its projector.
@@ -178,6 +199,11 @@ class GazeModel:
           ``kv_cache_bytes(n_ctx)`` of KV cache each); 0: every call evaluates cold.
         conversation_memory: bytes of KV cache the warm conversations may hold together (None: no
           limit beyond cached_conversations; at least one conversation is always kept).
+        gaze_region: (region_h, region_w) makes a model gaze that was not converted for it (a
+          community GGUF pair): regions of that size, and ``context_tokens`` context tokens pooled
+          from each image's own embeddings (GAZE_SPEC.md "Pooled context tokens"; 0: none). The
+          selection defaults then are keep_ratio 0.25, gqa_mean. Refused for a projector with
+          learned context tokens (its gaze settings come with it).
         """
         if path is None:
             from gaze_edge.default_model import default_model_dir
@@ -204,6 +230,13 @@ class GazeModel:
             except ModelFilesError:
                 llama_cpp.llama_model_free(model_p)
                 raise
+        if gaze_region is not None:
+            why = _plain_gaze(mtmd_p, gaze_region, context_tokens)
+            if why:
+                if mtmd_p:
+                    mtmd_cpp.mtmd_free(mtmd_p)
+                llama_cpp.llama_model_free(model_p)
+                raise ModelFilesError(why)
         return cls(files, model_p, mtmd_p, n_threads, n_gpu_layers, n_ctx=n_ctx,
                    cached_conversations=cached_conversations, conversation_memory=conversation_memory)
 
@@ -277,7 +310,9 @@ class GazeModel:
         top_k = self.meta(gguf_names.llm_key(gguf_names.LLM_TOP_K, arch))
         keep_ratio = self.meta(gguf_names.llm_key(gguf_names.LLM_KEEP_RATIO, arch))
         mode = self.meta(gguf_names.llm_key(gguf_names.LLM_SCORE_MODE, arch))
+        n_dense = self.meta(gguf_names.llm_key(gguf_names.LLM_N_DENSE_LAYERS, arch))
         names = {v: k for k, v in gguf_names.SCORE_MODE_IDS.items()}
+        pooled = bool(self._mtmd) and bool(bindings.mtmd_gaze_get_ctx_pooled(self._mtmd))
         return GazeDefaults(
             region_h=rh.value if has_regions else None,
             region_w=rw.value if has_regions else None,
@@ -285,6 +320,8 @@ class GazeModel:
             keep_regions=int(top_k) if top_k is not None else 0,
             keep_ratio=float(keep_ratio) if keep_ratio is not None else 0.25,
             score_mode=names[int(mode)] if mode is not None else "gqa_mean",
+            n_dense_layers=int(n_dense) if n_dense is not None else 0,
+            context_tokens=("pooled" if pooled else "learned") if n_ctx.value > 0 else None,
         )
 
     # --- text --------------------------------------------------------------------------------
@@ -406,6 +443,7 @@ class GazeModel:
         kv_type: str = "f16",
         trace: bool = True,
         eval_callback=None,
+        n_dense_layers: int | None = None,
     ):
         """A fresh sequence in its own llama.cpp context (see ``GazeSession``).
 
@@ -417,6 +455,8 @@ class GazeModel:
         kv_type: "f16", "q8_0" or "f32" KV cache (flash attention reads an f32 cache as f16).
         trace: record each gazing step's selection for ``trace()``.
         eval_callback: a ggml_backend_sched_eval_callback for the context (profiling).
+        n_dense_layers: the first layers attend densely at gaze steps (None: the model's default,
+          GAZE_SPEC.md "Dense first layers").
         """
         from gaze_edge.runtime.session import GazeSession
 
@@ -425,7 +465,7 @@ class GazeModel:
             n_ctx = self.default_n_ctx()
         return GazeSession(
             self, gaze=gaze, keep_regions=keep_regions, keep_ratio=keep_ratio, score_mode=score_mode, gather=gather,
-            n_ctx=n_ctx, kv_type=kv_type, trace=trace, eval_callback=eval_callback,
+            n_ctx=n_ctx, kv_type=kv_type, trace=trace, eval_callback=eval_callback, n_dense_layers=n_dense_layers,
         )
 
     def image_footprint(self, image, *, key: str | None = None) -> tuple[int, int]:

@@ -62,9 +62,11 @@ class SessionImage:
 class StepTrace:
     """The regions one generated-token step selected (the reference's GazeTrace layout).
 
-    selected: (n_layers, S, k) region ids ascending, numbering all regions of the sequence
-      (image order, then raster order); S = KV heads for gqa_mean and layer_mean (layer_mean's
-      one selection repeated), query heads for per_head.
+    selected: (n_layers - n_dense_layers, S, k) region ids ascending of the layers that gazed
+      (row i is layer n_dense_layers + i), numbering all regions of the sequence (image order,
+      then raster order); S = KV heads for gqa_mean, gqa_max and layer_mean (layer_mean's one
+      selection repeated), query heads for per_head.
+    n_dense_layers: the first layers, which attended densely (GAZE_SPEC.md "Dense first layers").
     n_regions: regions in the sequence; region_sizes: (n_regions,) grid tokens per region.
     """
 
@@ -73,11 +75,13 @@ class StepTrace:
     n_regions: int
     region_sizes: np.ndarray
     n_kv_heads: int | None = None
+    n_dense_layers: int = 0
 
     def visual_kv_fraction(self) -> float:
         """GAZE_SPEC.md "Accounting": grid tokens read, summed over layers and KV heads, / (grid
-        tokens x layers x KV heads); a KV head reads the union of its query heads' regions."""
-        return visual_kv_fraction(self.selected, self.region_sizes, self.n_kv_heads)
+        tokens x layers x KV heads); a KV head reads the union of its query heads' regions, a
+        dense layer every grid token."""
+        return visual_kv_fraction(self.selected, self.region_sizes, self.n_kv_heads, self.n_dense_layers)
 
 
 class GazeSession:
@@ -85,7 +89,7 @@ class GazeSession:
 
     def __init__(self, model, *, gaze: bool, keep_regions: int | None, keep_ratio: float | None,
                  score_mode: str | None, gather: bool, n_ctx: int, kv_type: str, trace: bool,
-                 eval_callback=None) -> None:
+                 eval_callback=None, n_dense_layers: int | None = None) -> None:
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
         _check_selection(keep_regions, keep_ratio, score_mode)
@@ -119,7 +123,7 @@ class GazeSession:
         model._sessions.add(self)  # closed with the model
 
         self.configure(gaze=gaze, keep_regions=keep_regions, keep_ratio=keep_ratio, score_mode=score_mode,
-                       gather=gather, trace=trace)
+                       gather=gather, trace=trace, n_dense_layers=n_dense_layers)
 
         self.n_past = 0  # positions used (an M-RoPE image takes fewer positions than cache cells)
         self.n_cells = 0  # KV-cache cells used (what n_ctx bounds)
@@ -144,7 +148,7 @@ class GazeSession:
 
     def configure(self, *, gaze: bool | None = None, keep_regions: int | None = None,
                   keep_ratio: float | None = None, score_mode: str | None = None, gather: bool | None = None,
-                  trace: bool | None = None) -> None:
+                  trace: bool | None = None, n_dense_layers: int | None = None) -> None:
         """Change settings; the next generated token uses them (None keeps a setting). As in
         ``GazeModel.session``: keep_regions > 0 takes precedence over keep_ratio; giving only
         keep_ratio clears keep_regions."""
@@ -161,6 +165,12 @@ class GazeSession:
         if score_mode is not None:
             if not bindings.llama_gaze_set_score_mode(self._ctx, gguf_names.SCORE_MODE_IDS[score_mode]):
                 raise ValueError(f"llama.cpp refused score_mode={score_mode!r}")
+        if n_dense_layers is not None:
+            if n_dense_layers < 0:
+                raise ValueError(f"n_dense_layers must be >= 0, got {n_dense_layers}")
+            # more than the layers: every layer dense (GAZE_SPEC.md "Dense first layers")
+            if not bindings.llama_gaze_set_n_dense_layers(self._ctx, min(int(n_dense_layers), self.model.n_layer)):
+                raise ValueError(f"n_dense_layers must be in [0, {self.model.n_layer}], got {n_dense_layers}")
         if gather is not None:
             bindings.llama_gaze_set_gather(self._ctx, bool(gather))
         if trace is not None:
@@ -402,8 +412,9 @@ class GazeSession:
             offset[img.id] = r0
             r0 += img.n_regions
         n_layer = self.model.n_layer
+        n_dense = min(int(bindings.llama_gaze_get_n_dense_layers(self._ctx)), n_layer)
         per_layer = []
-        for il in range(n_layer):
+        for il in range(n_dense, n_layer):
             n_head = ctypes.c_int32(0)
             k = bindings.llama_gaze_get_trace(self._ctx, il, ctypes.byref(n_head), None, None, 0)
             if k == 0:
@@ -419,7 +430,12 @@ class GazeSession:
                 sel = np.repeat(sel, self.model.n_head_kv, axis=0)
             per_layer.append(sel)
         sizes = np.concatenate([img.region_sizes() for img in sorted(images.values(), key=lambda im: im.pos)])
-        return StepTrace(np.stack(per_layer), int(per_layer[0].shape[-1]), r0, sizes, self.model.n_head_kv)
+        if not per_layer:  # every layer dense: a trace with no rows
+            k = 0
+            selected = np.zeros((0, self.model.n_head_kv, 0), dtype=np.int64)
+        else:
+            k, selected = int(per_layer[0].shape[-1]), np.stack(per_layer)
+        return StepTrace(selected, k, r0, sizes, self.model.n_head_kv, n_dense)
 
     # --- lifetime ----------------------------------------------------------------------------
 
