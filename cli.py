@@ -684,10 +684,13 @@ def _parse_counts(text: str) -> list[int]:
 @click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(1),
               help="With --warm: tokens per answer.")
 @click.option("--dense", is_flag=True, help="With --warm: answer densely (the turn-1 answer is reused too).")
+@click.option("--score-mode", type=click.Choice(SCORE_MODES), help="The gaze rows' score mode (default: the model's).")
+@click.option("--dense-layers", "n_dense_layers", type=click.IntRange(0),
+              help="The gaze rows attend densely in the first N layers (default: the model's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def bench(model_dir, shape, visual, keep_ratios, rounds, steps, threads, kv_type, restrict, profile, warm, images,
-          max_tokens, dense, as_json) -> None:
+          max_tokens, dense, score_mode, n_dense_layers, as_json) -> None:
     """Decode speed, dense vs gaze, side by side on one cache (default: the embedded model).
 
     Prefills text and images once per visual-token count, then times dense and gaze steps on that
@@ -717,7 +720,8 @@ def bench(model_dir, shape, visual, keep_ratios, rounds, steps, threads, kv_type
         model_dir = str(shapes.ensure(shape))
     model = _load_model(model_dir, threads, False)
     report = speed.run(model, counts, list(keep_ratios), rounds=rounds, per_round=steps, kv_type=kv_type,
-                       restrict=restrict, profile=profile, progress=lambda line: click.echo(line, err=True))
+                       restrict=restrict, profile=profile, score_mode=score_mode, n_dense_layers=n_dense_layers,
+                       progress=lambda line: click.echo(line, err=True))
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else speed.format_table(report))
 
 

@@ -9,8 +9,10 @@ Nodes are put into groups by the names llama.cpp gives them (``kqv_out-3``, ``ga
 an unnamed node belongs to the next named node, the one it is computed for.
 
 Groups: ``attention`` (the flash-attention nodes, gaze or dense, and their K/V views),
-``gaze select`` (descriptor scores, top-k, the region mask: nodes named ``gaze_*`` other than
-``gaze_fattn``), ``weights`` (everything else: the projections, FFN, norms, output).
+``gaze select`` (descriptors, scores, top-k: nodes named ``gaze_*`` other than the next group and
+``gaze_fattn``), ``gaze mask/gather`` (the region mask over the cells, or the gathered K/V rows and
+their mask: ``gaze_kq_mask``, ``gaze_k``, ``gaze_v``), ``weights`` (everything else: the
+projections, FFN, norms, output).
 Profiling slows a step (one split per node), so its totals are not the benchmark's timings.
 """
 
@@ -21,7 +23,10 @@ import os
 import time
 from collections import defaultdict
 
-GROUPS = ("attention", "gaze select", "weights")
+GROUPS = ("attention", "gaze select", "gaze mask/gather", "weights")
+# the nodes that turn a selection into what attention reads: the mask over the cells (mask mode),
+# the gathered K/V rows and their mask (gather mode); the rest of gaze_* is scoring and top-k
+MASK_GATHER = ("gaze_kq_mask", "gaze_k", "gaze_v")
 NO_OPS = ("NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE")
 
 
@@ -50,6 +55,8 @@ def group_of(name: str, op: str) -> str | None:
         return None
     if base in ("gaze_fattn", "kqv_out", "kq", "kqv", "kq_soft_max"):
         return "attention"
+    if base in MASK_GATHER:
+        return "gaze mask/gather"
     if base.startswith("gaze_"):
         return "gaze select"
     return "weights"
@@ -79,6 +86,10 @@ class NodeProfiler:
     def reset(self) -> None:
         self.nodes = []
 
+    def n_nodes(self) -> int:
+        """Graph nodes computed since the last reset that do work (views and reshapes excluded)."""
+        return sum(1 for _, op, _ in self.nodes if op not in NO_OPS)
+
     def fixed_cost(self) -> float:
         """Median seconds of a node that computes nothing: the cost of a one-node graph."""
         idle = sorted(dt for _, op, dt in self.nodes if op in NO_OPS)
@@ -92,6 +103,12 @@ class NodeProfiler:
         fixed = self.fixed_cost()
         for name, op, dt in self.nodes:
             if op in NO_OPS:
+                # llama.cpp names some gaze results on their reshape (gaze_sel, gaze_kq_mask, gaze_k):
+                # such a name still ends the work computed for it
+                g = group_of(name, op)
+                if g in ("gaze select", "gaze mask/gather") and pending:
+                    out[g] += pending
+                    pending = 0.0
                 continue
             dt = max(0.0, dt - fixed)
             g = group_of(name, op)

@@ -44,6 +44,10 @@ class ModeResult:
     x_bound: float  # decode_ms / bound_ms
     n_steps: int
     profile_ms: dict[str, float] | None = None  # --profile: ms per step per group (gaze_edge.bench.profile)
+    # what gazing costs beyond the attention it keeps: decode_ms - text-only step - visual KV fraction x
+    # dense attention (dense step - text-only step); None for the dense row
+    overhead_ms: float | None = None
+    n_nodes: int | None = None  # --profile: graph nodes computed per step (views and reshapes excluded)
 
 
 @dataclass
@@ -72,6 +76,8 @@ class SpeedReport:
     text_only_ms: float
     profiled: bool = False  # steps were timed node by node: slower, not comparable with unprofiled runs
     rows: list[Row] = field(default_factory=list)
+    score_mode: str | None = None  # the gaze rows' score mode (None: the model's)
+    n_dense_layers: int | None = None  # the gaze rows' dense first layers (None: the model's)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -128,9 +134,11 @@ def text_only_ms(model, token: int, n_steps: int) -> float:
 
 def run(model, visual: list[int], ratios: list[float], *, rounds: int = 4, per_round: int = 3,
         kv_type: str = "f16", restrict: str = "mask", bandwidth: float | None = None, profile: bool = False,
-        progress=None) -> SpeedReport:
+        score_mode: str | None = None, n_dense_layers: int | None = None, progress=None) -> SpeedReport:
     """Benchmark ``model`` (a loaded GazeModel with a projector) at each visual-token count.
 
+    score_mode / n_dense_layers: the gaze rows' selection options (GAZE_SPEC.md; None: the model's),
+    to time what an option costs per step.
     profile: time every graph node too (gaze_edge.bench.profile); steps get slower.
     progress: a callable taking a line of text (None: quiet).
     """
@@ -153,7 +161,7 @@ def run(model, visual: list[int], ratios: list[float], *, rounds: int = 4, per_r
     report = SpeedReport(
         model=model.files.model.name, arch=model.arch, n_layer=model.n_layer, weights_mb=weights / 1e6,
         kv_type=kv_type, threads=model.n_threads, restrict=restrict, bandwidth_gbs=0.0,
-        text_only_ms=base_ms, profiled=profile,
+        text_only_ms=base_ms, profiled=profile, score_mode=score_mode, n_dense_layers=n_dense_layers,
     )
     profiler = None
     if profile:
@@ -164,8 +172,8 @@ def run(model, visual: list[int], ratios: list[float], *, rounds: int = 4, per_r
     # every scene image takes the same positions; its grid is at most those minus the context tokens
     grid_max = per_image_pos - model.gaze_defaults().n_context_tokens
     n_ctx = 256 + (math.ceil(visual[-1] / grid_max) + 2) * per_image_pos
-    session = model.session(gaze=True, n_ctx=n_ctx, kv_type=kv_type, trace=False,
-                            eval_callback=profiler.callback if profiler else None)
+    session = model.session(gaze=True, n_ctx=n_ctx, kv_type=kv_type, trace=False, score_mode=score_mode,
+                            n_dense_layers=n_dense_layers, eval_callback=profiler.callback if profiler else None)
     n_images = grid_tokens = 0
     tail: list[int] = []
     try:
@@ -206,6 +214,7 @@ def _time_modes(session, token, row: Row, ratios, rounds, per_round, report: Spe
     times: dict[tuple, list[float]] = {m: [] for m in modes}
     groups: dict[tuple, dict[str, float]] = {m: {} for m in modes}
     fractions: dict[tuple, float] = {(None, False): 1.0}
+    nodes: dict[tuple, int] = {}
     for _ in range(rounds):
         for m in modes:
             ratio, gather = m
@@ -222,8 +231,10 @@ def _time_modes(session, token, row: Row, ratios, rounds, per_round, report: Spe
             if profiler:
                 for g, sec in profiler.groups().items():
                     groups[m][g] = groups[m].get(g, 0.0) + sec
+                nodes[m] = profiler.n_nodes() // per_round
     dense_ms = 1e3 * statistics.median(times[(None, False)])
     row.attention_share = max(0.0, (dense_ms - report.text_only_ms) / dense_ms)
+    dense_attention_ms = dense_ms - report.text_only_ms
     n_text = row.cached_tokens + 1 - row.visual_tokens  # text, context tokens and the new token
     descriptors = row.n_regions * head_dim * session.model.n_head_kv * 4 * session.model.n_layer
     for m in modes:
@@ -241,6 +252,8 @@ def _time_modes(session, token, row: Row, ratios, rounds, per_round, report: Spe
             vs_dense=ms / dense_ms, visual_kv_fraction=frac, step_mb=nbytes / 1e6, bound_ms=0.0,
             x_bound=0.0, n_steps=len(times[m]),  # bound: once the bandwidth is measured
             profile_ms=_per_step(groups[m], times[m]) if profiler else None,
+            overhead_ms=None if ratio is None else ms - report.text_only_ms - frac * dense_attention_ms,
+            n_nodes=nodes.get(m),
         ))
 
 
@@ -255,11 +268,13 @@ def format_table(report: SpeedReport) -> str:
     r = report
     lines = [
         f"model {r.model} ({r.arch}, {r.n_layer} layers, {r.weights_mb:.0f} MB of weights), KV {r.kv_type}, "
-        f"{r.threads} threads, gaze restricts attention by {r.restrict.replace('both', 'mask and by gather')}",
+        f"{r.threads} threads, gaze restricts attention by {r.restrict.replace('both', 'mask and by gather')}"
+        + (f", score mode {r.score_mode}" if r.score_mode else "")
+        + (f", first {r.n_dense_layers} layers dense" if r.n_dense_layers else ""),
         f"read bandwidth {r.bandwidth_gbs:.1f} GB/s (measured); text-only step {r.text_only_ms:.1f} ms",
         "",
         f"{'visual':>7} {'cached':>7} {'prefill':>16} {'mode':>16} {'ms/token':>9} {'vs dense':>8} "
-        f"{'visual KV':>9} {'MB/step':>8} {'bound ms':>8} {'x bound':>7} {'attn':>5} {'peak RSS':>9}",
+        f"{'visual KV':>9} {'overhead':>8} {'MB/step':>8} {'bound ms':>8} {'x bound':>7} {'attn':>5} {'peak RSS':>9}",
     ]
     for row in r.rows:
         for i, m in enumerate(row.modes):
@@ -268,7 +283,7 @@ def format_table(report: SpeedReport) -> str:
             lines.append(
                 f"{row.visual_tokens if first else '':>7} {row.cached_tokens if first else '':>7} {prefill:>16} "
                 f"{m.mode:>16} {m.decode_ms:>9.1f} {m.vs_dense:>7.2f}x {100 * m.visual_kv_fraction:>8.1f}% "
-                f"{m.step_mb:>8.0f} {m.bound_ms:>8.1f} {m.x_bound:>6.2f}x "
+                f"{(f'{m.overhead_ms:.1f}' if m.overhead_ms is not None else ''):>8} {m.step_mb:>8.0f} {m.bound_ms:>8.1f} {m.x_bound:>6.2f}x "
                 f"{(f'{100 * row.attention_share:.0f}%' if first else ''):>5} "
                 f"{(f'{row.peak_rss_mb:.0f} MB' if first else ''):>9}"
             )
@@ -277,9 +292,11 @@ def format_table(report: SpeedReport) -> str:
         for row in r.rows:
             for m in row.modes:
                 parts = ", ".join(f"{g} {ms:.1f}" for g, ms in (m.profile_ms or {}).items())
-                lines.append(f"{row.visual_tokens:>7} {m.mode:>16}: {parts}")
+                lines.append(f"{row.visual_tokens:>7} {m.mode:>16}: {parts}; {m.n_nodes} nodes")
     lines.append("")
     lines.append("ms/token: median decode step; vs dense: ratio to the dense step on the same cache; visual KV: grid "
-                 "tokens read / all grid tokens; bound: MB/step over the read bandwidth; attn: share of the dense "
+                 "tokens read / all grid tokens; overhead: ms/token - text-only step - visual KV x dense attention "
+                 "(what gazing costs beyond the attention it keeps); bound: MB/step over the read bandwidth; "
+                 "attn: share of the dense "
                  "step spent on attention (dense - text-only step); peak RSS: the process's, up to that row.")
     return "\n".join(lines)
