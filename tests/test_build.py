@@ -92,3 +92,32 @@ def test_repo_patches_have_headers_and_apply_to_the_pinned_tree():
     assert "ggml_concat(ctx0, model.class_embedding, inp, 1)" in llava
     assert "llama_gaze_version" in (src / "include/llama.h").read_text()
     assert hashlib.sha256(build.fetch_sdist().read_bytes()).hexdigest() == build.SDIST_SHA256
+
+
+def test_two_processes_unpacking_the_same_source_both_get_it(tmp_path, monkeypatch):
+    """A test and a build can unpack the same spec at once: the one that loses the final rename
+    takes the winner's identical tree instead of failing ("Directory not empty")."""
+    import tarfile
+
+    sdist = tmp_path / "sdist.tar.gz"
+    root = tmp_path / "tree" / f"llama_cpp_python-{build.LLAMA_CPP_PYTHON_VERSION}" / "vendor" / "llama.cpp"
+    root.mkdir(parents=True)
+    (root / "hello.txt").write_text("hello\n")
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(tmp_path / "tree" / f"llama_cpp_python-{build.LLAMA_CPP_PYTHON_VERSION}",
+                arcname=f"llama_cpp_python-{build.LLAMA_CPP_PYTHON_VERSION}")
+    monkeypatch.setattr(build, "fetch_sdist", lambda: sdist)
+    spec = build.BuildSpec(patches=(), cmake_args=())
+    monkeypatch.setattr(build.BuildSpec, "entry", lambda self: tmp_path / "cache")
+    real_apply = build.apply_patches
+
+    def other_process_finishes_first(llama_dir, patches):
+        real_apply(llama_dir, patches)
+        winner = tmp_path / "cache" / "src" / "vendor" / "llama.cpp"
+        winner.mkdir(parents=True)
+        (winner / "hello.txt").write_text("hello\n")
+
+    monkeypatch.setattr(build, "apply_patches", other_process_finishes_first)
+    src = build.prepare_source(spec)
+    assert (src / "vendor" / "llama.cpp" / "hello.txt").read_text() == "hello\n"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["src"]  # our temporary copy is gone

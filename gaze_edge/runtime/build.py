@@ -169,7 +169,12 @@ def prepare_source(spec: BuildSpec) -> Path:
         if gitlink.is_file():
             gitlink.unlink()
         apply_patches(llama_dir, spec.patches)
-        os.replace(root, src)
+        try:
+            os.replace(root, src)
+        except OSError:
+            if not (src / "vendor" / "llama.cpp").is_dir():
+                raise
+            # another process (a build, a test) unpacked the same spec first: theirs is identical
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return src
