@@ -44,7 +44,7 @@ $(DEPS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[convert,train,dev,server]'
+	$(PY) -m pip install -q -e '.[convert,train,dev,server,video]'
 	touch $@
 
 clean-venv:

@@ -244,6 +244,13 @@ def _sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repe
 @main.command()
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
               help="An image to ask about; repeatable.")
+@click.option("--video", type=click.Path(dir_okay=False),
+              help="A video to ask about (after the images): frames sampled uniformly, each an image with "
+                   "its own label and regions, one gaze budget over all (needs the [video] extra).")
+@click.option("--fps", type=click.FloatRange(0, min_open=True),
+              help="With --video: frames to sample per second (default: --max-frames over the whole clip).")
+@click.option("--max-frames", type=click.IntRange(1), default=8, show_default=True,
+              help="With --video: at most this many frames.")
 @click.option("-p", "--prompt", help="The question. Without it: an interactive chat on a terminal, "
               "else the prompt is read from standard input.")
 @model_options
@@ -261,9 +268,10 @@ def _sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repe
               help="Write where the model looked, per generated token: .png (grid) or .gif.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
-def chat(images, prompt, model_path, mmproj, ctx_size, gpu_layers, image_min_tokens, image_max_tokens, threads,
-         dense, keep_regions, keep_ratio, gather, as_json, gaze_map, quiet, **sampling) -> None:
-    """Ask a model about images: one answer, or an interactive chat that keeps its context.
+def chat(images, video, fps, max_frames, prompt, model_path, mmproj, ctx_size, gpu_layers, image_min_tokens,
+         image_max_tokens, threads, dense, keep_regions, keep_ratio, gather, as_json, gaze_map, quiet,
+         **sampling) -> None:
+    """Ask a model about images or a video: one answer, or an interactive chat that keeps its context.
 
     In the interactive chat: /image PATH attaches an image to the next message, /clear starts over,
     /exit (or an empty line, or Ctrl-D) quits.
@@ -276,12 +284,22 @@ def chat(images, prompt, model_path, mmproj, ctx_size, gpu_layers, image_min_tok
         raise click.UsageError("--dense cannot go with --keep-regions, --keep-ratio or --gather")
     if gaze_map and dense:
         raise click.UsageError("--gaze-map needs gaze: drop --dense")
-    if gaze_map and not images:
-        raise click.UsageError("--gaze-map needs an --image")
+    if gaze_map and not images and not video:
+        raise click.UsageError("--gaze-map needs an --image or a --video")
+    if fps is not None and not video:
+        raise click.UsageError("--fps needs a --video")
     if gaze_map and not gaze_map.lower().endswith((".png", ".gif")):
         raise click.UsageError("--gaze-map must end in .png or .gif")
     sampling = _sampling(**sampling)
     pictures = [load_image(p) for p in images]  # image errors before the model loads
+    clip = None
+    if video and prompt is None and sys.stdin.isatty() and not as_json:
+        raise click.UsageError("--video needs a prompt (-p, or one piped on standard input): the interactive "
+                               "chat takes images only")
+    if video:
+        from gaze_edge.video import load_video
+
+        clip = load_video(video, fps=fps, max_frames=max_frames)  # video errors too
     verbose = bool(click.get_current_context().find_root().params.get("verbose"))
     model = _load_model(model_path, threads, verbose, mmproj=mmproj, n_ctx=ctx_size, gpu_layers=gpu_layers,
                         image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens)
@@ -307,13 +325,16 @@ def chat(images, prompt, model_path, mmproj, ctx_size, gpu_layers, image_min_tok
                         write=lambda piece: click.echo(piece, nl=False),
                         warn=lambda line: click.echo(line, err=True))
         return
-    result = model.chat(prompt, images=pictures, trace=bool(gaze_map) or as_json, **options)
-    if gaze_map:
+    result = model.chat(prompt, images=pictures, video=clip, trace=bool(gaze_map) or as_json, **options)
+    if gaze_map and clip is not None:
+        _write_video_gaze_map(result, clip, gaze_map)
+    elif gaze_map:
         _write_gaze_map(result, pictures[0], gaze_map)
     if as_json:
         click.echo(json.dumps({**result.to_dict(), "model": str(model.files.model),
                                "gaze": model.gaze_defaults().region_h is not None and not dense,
-                               "gaze_map": gaze_map}, indent=2))
+                               "gaze_map": gaze_map,
+                               **({"video_frames": clip.timestamps} if clip is not None else {})}, indent=2))
     else:
         click.echo(result.text.strip())
 
@@ -330,6 +351,26 @@ def _write_gaze_map(result, picture, path: str) -> None:
     # ignores region ids beyond this grid (other images')
     steps = [(s.text, s.trace.selected) for s in result.steps if s.trace is not None]
     render(picture, grid, steps, path)
+
+
+def _write_video_gaze_map(result, clip, path: str) -> None:
+    from gaze_edge.errors import GazeEdgeError
+    from gaze_edge.gazemap import RegionGrid, VideoFrame, render_video
+
+    # the trace numbers the regions of every registered image in sequence order; the video's
+    # frames are the last len(clip) images (the prompt puts images before the video)
+    registered = sorted((im for im in result.images if im.id >= 0 and im.region is not None), key=lambda im: im.pos)
+    first, firsts = 0, {}
+    for im in registered:
+        firsts[id(im)] = first
+        first += im.n_regions
+    held = result.images[-len(clip):]
+    if len(held) != len(clip) or any(id(im) not in firsts for im in held):
+        raise GazeEdgeError("the video's frames were not registered for gaze: no gaze map to draw")
+    frames = [VideoFrame(picture, RegionGrid(*im.grid, *im.region), firsts[id(im)], label)
+              for picture, im, label in zip(clip.frames, held, clip.labels(), strict=True)]
+    steps = [(s.text, s.trace.selected) for s in result.steps if s.trace is not None]
+    render_video(frames, steps, path)
 
 
 @main.command()

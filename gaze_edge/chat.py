@@ -75,11 +75,12 @@ class ChatResult:
         }
 
 
-def normalize_messages(messages_or_prompt: str | Sequence[dict], images: Sequence[Any]) -> list[dict]:
-    """Messages in the HF form [{"role", "content": str | [{"type": "text"|"image", ...}]}].
+def normalize_messages(messages_or_prompt: str | Sequence[dict], images: Sequence[Any],
+                       videos: Sequence[Any] = ()) -> list[dict]:
+    """Messages in the HF form [{"role", "content": str | [{"type": "text"|"image"|"video", ...}]}].
 
-    A plain prompt becomes one user message. ``images`` are put before the text of the last user
-    message (the layout LLaVA-style models are trained on).
+    A plain prompt becomes one user message. ``images``, then ``videos``, are put before the text
+    of the last user message (the layout LLaVA-style models are trained on).
     """
     if isinstance(messages_or_prompt, str):
         messages = [{"role": "user", "content": messages_or_prompt}]
@@ -101,19 +102,20 @@ def normalize_messages(messages_or_prompt: str | Sequence[dict], images: Sequenc
             messages[i] = {**m, "content": [_content_item(i, item) for item in content]}
         else:
             raise GazeEdgeError(f"message {i}: content must be text or a list of parts, not {type(content).__name__}")
-    if images:
+    if images or videos:
         last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
         if last is None:
-            raise GazeEdgeError("images need a user message to go with")
-        messages[last] = {**messages[last],
-                          "content": [{"type": "image", "image": im} for im in images] + messages[last]["content"]}
+            raise GazeEdgeError(f"{'images need' if images else 'a video needs'} a user message to go with")
+        media = [{"type": "image", "image": im} for im in images] + [{"type": "video", "video": v} for v in videos]
+        messages[last] = {**messages[last], "content": media + messages[last]["content"]}
     return messages
 
 
 def _content_item(i: int, item) -> dict:
-    """One content part in the HF form: {"type": "text", "text"} or {"type": "image", "image"}.
-    Also takes OpenAI's {"type": "image_url", "image_url": {"url"}} and {"type": "image",
-    "url" | "path"}; the image itself may be anything gaze_edge.images.load_image takes."""
+    """One content part in the HF form: {"type": "text", "text"}, {"type": "image", "image"} or
+    {"type": "video", "video"}. Also takes OpenAI's {"type": "image_url", "image_url": {"url"}} and
+    {"type": "image" | "video", "url" | "path"}; an image may be anything
+    gaze_edge.images.load_image takes, a video anything gaze_edge.video.load_video takes."""
     if isinstance(item, str):
         return {"type": "text", "text": item}
     if not isinstance(item, dict):
@@ -134,7 +136,12 @@ def _content_item(i: int, item) -> dict:
         if source is None:
             raise GazeEdgeError(f"message {i}: an image part needs 'image', 'url' or 'path'")
         return {"type": "image", "image": source}
-    raise GazeEdgeError(f"message {i}: unknown content part type {kind!r} (text, image or image_url)")
+    if kind == "video":
+        source = next((item[k] for k in ("video", "url", "path") if item.get(k) is not None), None)
+        if source is None:
+            raise GazeEdgeError(f"message {i}: a video part needs 'video', 'url' or 'path'")
+        return {"type": "video", "video": source}
+    raise GazeEdgeError(f"message {i}: unknown content part type {kind!r} (text, image, image_url or video)")
 
 
 def split_prompt(prompt: str, n_images: int) -> list[str]:
@@ -150,9 +157,16 @@ def split_prompt(prompt: str, n_images: int) -> list[str]:
 
 def render_prompt(model, messages: list[dict]) -> tuple[str, list[Any]]:
     """The model's chat template applied to messages, as transformers renders it (a model without
-    a template gets its family's usual one, with a warning once); returns (prompt, images in order)."""
-    from gaze_edge.templates import render_chat
+    a template gets its family's usual one, with a warning once); returns (prompt, images in order).
 
+    A video part is rendered as one image (its frames are fed as separate images, which the
+    pinned mtmd can do for every family; ``gaze_edge.video.expand_videos`` then lays its frames
+    out, each with its label, at that placeholder) and comes back as a ``VideoPart``.
+    """
+    from gaze_edge.templates import render_chat
+    from gaze_edge.video import VideoPart
+
+    messages = [_videos_as_images(m, VideoPart) for m in messages]
     images = [item["image"] for m in messages if not isinstance(m["content"], str)
               for item in m["content"] if item.get("type") == "image"]
     prompt, warning = render_chat(
@@ -163,6 +177,14 @@ def render_prompt(model, messages: list[dict]) -> tuple[str, list[Any]]:
         model._warned_template = True
         warnings.warn(warning, TemplateWarning, stacklevel=3)
     return prompt, images
+
+
+def _videos_as_images(message: dict, wrap) -> dict:
+    content = message.get("content")
+    if isinstance(content, str) or not any(item.get("type") == "video" for item in content):
+        return message
+    return {**message, "content": [{"type": "image", "image": wrap(item["video"])} if item.get("type") == "video"
+                                   else item for item in content]}
 
 
 class TemplateWarning(UserWarning):

@@ -29,6 +29,7 @@ from gaze_edge.chat import ChatResult, ChatStep, normalize_messages, render_prom
 from gaze_edge.errors import ContextOverflowError, GazeEdgeError
 from gaze_edge.images import image_key, load_image
 from gaze_edge.sampling import Sampler, SamplingSettings, StopMatcher
+from gaze_edge.video import Video, VideoPart, expand_videos, load_video
 
 # Prompt tokens are evaluated in batches of this many, so a progress bar moves during long prompts.
 PROGRESS_BATCH = 512
@@ -367,10 +368,13 @@ def make_plan(model, call: PreparedCall, n_ctx: int) -> list[_Element]:
     need = sum(e.n_cells for e in elements) + 1  # room for at least one generated token
     if need > n_ctx:
         n_img = sum(e.n_cells for e in elements if e.image is not None)
+        frames = call.n_video_frames
+        what = f"{len(call.images)} image(s)" + (f", {frames} of them video frames" if frames else "")
         raise ContextOverflowError(
-            f"the conversation needs {need} context cells ({len(call.images)} image(s): {n_img}, text: "
+            f"the conversation needs {need} context cells ({what}: {n_img}, text: "
             f"{need - 1 - n_img}, +1 to answer) but the context holds {n_ctx}; use a larger context "
             f"(-c/--ctx-size, n_ctx=; the model was trained with {model.n_ctx_train}) or fewer images"
+            + (" or frames (--max-frames, max_frames=)" if frames else "")
         )
     return elements
 
@@ -393,6 +397,7 @@ class PreparedCall:
     n_ctx: int | None
     progress: Progress | None
     cancel: Callable[[], bool] | None
+    n_video_frames: int = 0  # of images, those that are video frames
 
 
 def prepare_call(model, messages_or_prompt, options: dict) -> PreparedCall:
@@ -401,6 +406,9 @@ def prepare_call(model, messages_or_prompt, options: dict) -> PreparedCall:
     options = dict(options)
     image = options.pop("image", None)
     images = list(options.pop("images", ()) or ())
+    video = options.pop("video", None)
+    fps = options.pop("fps", None)
+    max_frames = options.pop("max_frames", None)
     max_tokens = options.pop("max_tokens", 256)
     stream = bool(options.pop("stream", False))
     trace = bool(options.pop("trace", False))
@@ -428,17 +436,20 @@ def prepare_call(model, messages_or_prompt, options: dict) -> PreparedCall:
     is_gaze_model = model.gaze_defaults().region_h is not None
     use_gaze = is_gaze_model if gaze is None else bool(gaze)
     all_images = ([image] if image is not None else []) + images
-    messages = normalize_messages(messages_or_prompt, all_images)
+    messages = normalize_messages(messages_or_prompt, all_images, [video] if video is not None else ())
     prompt, sources = render_prompt(model, messages)
     pieces = split_prompt(prompt, len(sources))
     if sources and not model.has_vision:
         raise GazeEdgeError("this model has no vision projector (mmproj): it cannot take images")
-    decoded = [load_image(im) for im in sources]
+    decoded = [load_video(s.video, fps=fps, max_frames=max_frames) if isinstance(s, VideoPart) else load_image(s)
+               for s in sources]
+    pieces, decoded_images = expand_videos(pieces, decoded)  # each frame an image, after its label
     return PreparedCall(
-        pieces=pieces, images=decoded, sampling=sampling,
+        pieces=pieces, images=decoded_images, sampling=sampling,
         gaze=GazeOptions(use_gaze, keep_regions, float(keep_ratio) if keep_ratio is not None else None, gather),
         max_tokens=max_tokens, stream=stream, trace=trace, logits=want_logits,
         n_ctx=(model.n_ctx_train if n_ctx == 0 else n_ctx), progress=progress, cancel=cancel,
+        n_video_frames=sum(len(d) for d in decoded if isinstance(d, Video)),
     )
 
 

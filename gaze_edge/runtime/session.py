@@ -239,6 +239,39 @@ class GazeSession:
             raise RuntimeError("mtmd produced no image chunk")
         return added
 
+    def add_video(self, video, *, fps: float | None = None, max_frames: int | None = None, labels: bool = True,
+                  keep_embeddings: bool = False) -> list[SessionImage]:
+        """Evaluate a video's sampled frames, each as an image chunk of its own (its own grid
+        regions and context tokens; one gaze budget covers the regions of all frames), each
+        after its label ("Frame 1 (0.0 s): ", "\\nFrame 2 (0.5 s): ", ... as ``chat`` lays a video
+        out; ``labels=False`` adds the frames alone). ``video``: anything
+        ``gaze_edge.video.load_video`` takes (a file, a frame list, a Video), sampled with
+        ``fps`` / ``max_frames``. Checks that every frame fits the context before evaluating any
+        (ContextOverflowError with the numbers). Returns the frames' SessionImages."""
+        from gaze_edge.images import image_key
+        from gaze_edge.video import frame_texts, load_video
+
+        self._check_open()
+        clip = load_video(video, fps=fps, max_frames=max_frames)
+        texts = frame_texts(clip) if labels else [""] * len(clip)
+        bos = self.n_past == 0 and self.model.add_bos  # as add_text: BOS first in an empty sequence
+        label_tokens = [self.model.tokenize(t, add_special=bos and i == 0) if t else [] for i, t in enumerate(texts)]
+        cells_per_size: dict[tuple[int, int], int] = {}
+        for frame in clip.frames:  # the frames of a file share one size: tokenize one of each
+            if frame.size not in cells_per_size:
+                cells_per_size[frame.size] = self.model.image_footprint(frame, key=image_key(frame))[0]
+        need = sum(cells_per_size[f.size] for f in clip.frames) + sum(len(t) for t in label_tokens)
+        if self.n_cells + need > self.n_ctx:
+            raise ContextOverflowError(
+                f"the video's {len(clip)} frames need {need} context cells (with their labels), the context "
+                f"({self.n_ctx}) has {self.n_ctx - self.n_cells} left; use a larger context or fewer frames"
+            )
+        added = []
+        for tokens, frame in zip(label_tokens, clip.frames, strict=True):
+            self.add_tokens(tokens)
+            added.append(self.add_image(frame, keep_embeddings=keep_embeddings))
+        return added
+
     def _eval_text_chunk(self, chunk, logits: bool) -> None:
         n = ctypes.c_size_t(0)
         ptr = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
