@@ -592,6 +592,73 @@ def _parse_region(text: str) -> tuple[int, int]:
     return h, w
 
 
+@main.command("distill")
+@click.argument("src")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Output gaze checkpoint folder (its run state in OUT/.distill; rerunning continues it).")
+@click.option("--images", type=click.Path(exists=True, file_okay=False),
+              help="A folder of your own images to distil on (every image with every prompt).")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False),
+              help="With --images: a text file, one prompt per line [default: describe / ask prompts].")
+@click.option("--scenes", type=click.IntRange(2), help="Instead of --images: this many GazeScenes scenes.")
+@click.option("--max-samples", type=click.IntRange(2), help="At most this many (image, prompt) pairs.")
+@click.option("--keep-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="The gaze budget to learn (the output's default).")
+@click.option("--steps", default=200, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-2, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Peak learning rate of the context tokens.")
+@click.option("--lora-rank", default=0, show_default=True, type=click.IntRange(0),
+              help="Also train a LoRA adapter of this rank on the text attention projections (merged into "
+                   "the saved weights); 0 = context tokens only.")
+@click.option("--lora-lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Peak learning rate of the LoRA adapter.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--answer-tokens", default=64, show_default=True, type=click.IntRange(1),
+              help="Longest answer the dense model writes for each prompt.")
+@click.option("--region", help="Dense SRC: region size HxW in grid tokens [default: 2x2].")
+@click.option("--n-context-tokens", type=click.IntRange(1, 64),
+              help="Dense SRC: learned context tokens after every image [default: 4].")
+@click.option("--score-mode", type=click.Choice(SCORE_MODES),
+              help="How regions are scored [default: SRC's, or gqa_mean].")
+@click.option("--dense-layers", "n_dense_layers", type=click.IntRange(0),
+              help="The first N text layers attend to every image token at gaze steps [default: SRC's, or 0].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda when present]")
+@click.option("--bf16/--f32", "bf16", default=None,
+              help="bf16 autocast for the training steps [default: on] (measurements are float32).")
+@click.option("--threads", type=click.IntRange(1), help="torch CPU threads.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Order of the samples, LoRA init.")
+@click.option("--fresh", is_flag=True, help="Start the run in OUT over (the teacher's answers are kept).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@handle_errors
+def distill_command(src, out, images, prompts, scenes, max_samples, keep_ratio, steps, lr, lora_rank, lora_lr,
+                    batch_size, answer_tokens, region, n_context_tokens, score_mode, n_dense_layers, device, bf16,
+                    threads, seed, fresh, quiet) -> None:
+    """Teach a checkpoint to gaze at a budget, with its dense self as the teacher (no labels).
+
+    SRC: a dense (LLaVA-1.5 / Qwen2-VL) or gaze checkpoint folder. The dense model answers the
+    prompts about the images; only the context tokens (and a LoRA adapter with --lora-rank) learn
+    to give the same next-token distributions while gazing at --keep-ratio. Prints the held-out
+    divergence before and after; OUT converts with `gaze-edge convert`.
+    """
+    from gaze_edge.train.distill import distill
+
+    if (images is None) == (scenes is None):
+        raise click.UsageError("give --images DIR or --scenes N")
+    if prompts and not images:
+        raise click.UsageError("--prompts goes with --images")
+    result = distill(src, out, images=images, prompts=prompts, scenes=scenes, max_samples=max_samples,
+                     keep_ratio=keep_ratio, steps=steps, lr=lr, lora_rank=lora_rank, lora_lr=lora_lr,
+                     batch_size=batch_size, answer_tokens=answer_tokens,
+                     region=_parse_region(region) if region else None, context_tokens=n_context_tokens,
+                     score_mode=score_mode, n_dense_layers=n_dense_layers, seed=seed, device=device, bf16=bf16,
+                     threads=threads, fresh=fresh, progress=False if quiet else None)
+    before, after = result.before, result.after
+    click.echo(f"held-out divergence at keep {keep_ratio:g} (KL, nats per answer token, {before['tokens']} tokens): "
+               f"{before['kl']:.4g} before -> {after['kl']:.4g} after; top-1 agreement "
+               f"{100 * before['top1_agreement']:.1f}% -> {100 * after['top1_agreement']:.1f}%")
+    click.echo(result.folder)
+
+
 # --------------------------------------------------------------------------- train / eval
 
 

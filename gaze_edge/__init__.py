@@ -6,7 +6,7 @@ the library that needs them is used.
 
 __version__ = "0.1.0"
 
-__all__ = ["GazeModel", "__version__"]
+__all__ = ["GazeModel", "__version__", "distill"]
 
 
 def __getattr__(name: str):
@@ -14,4 +14,8 @@ def __getattr__(name: str):
         from gaze_edge.runtime.model import GazeModel
 
         return GazeModel
+    if name == "distill":
+        from gaze_edge.train.distill.run import distill
+
+        return distill
     raise AttributeError(f"module 'gaze_edge' has no attribute {name!r}")
