@@ -274,3 +274,26 @@ def test_n_images_with_a_seq_id_out_of_range_returns_minus_one(model):
         for bad in (256, 10_000, -2):  # LLAMA_MAX_SEQ is 256
             assert gz.llama_gaze_n_images(s._ctx, bad, ctypes.byref(n)) == -1
             assert n.value == 0
+
+
+def test_every_layer_dense_is_the_dense_step_with_an_empty_trace(model):
+    """n_dense_layers >= the layer count: the step is the dense one (it aborted in llama.cpp before:
+    the gaze inputs were built but nothing read them) and the trace has no rows, fraction 1."""
+    logits = {}
+    for name, kwargs in (("dense", dict(gaze=False)), ("all", dict(n_dense_layers=99)),
+                         ("one", dict(n_dense_layers=1))):
+        with model.session(keep_regions=1, **kwargs) as s:
+            s.add_text("USER: ")
+            s.add_image(_image(2))
+            s.add_text("\nDescribe.\nASSISTANT:")
+            logits[name] = s.append(int(s.logits().argmax()))
+            tr = s.trace()
+            if name == "all":
+                assert tr.selected.shape[0] == 0 and tr.n_dense_layers == model.n_layer
+                assert tr.visual_kv_fraction() == 1.0
+            if name == "one":
+                assert tr.selected.shape[0] == model.n_layer - 1 and tr.n_dense_layers == 1
+    assert logits["all"].tobytes() == logits["dense"].tobytes()
+    assert not np.array_equal(logits["one"], logits["dense"])
+    with model.session() as s, pytest.raises(ValueError, match="n_dense_layers"):
+        s.configure(n_dense_layers=-1)
