@@ -74,7 +74,33 @@ def load_image(
         raise ImageError(f"image not found: {path}")
     if path.is_dir():
         raise ImageError(f"image path is a folder: {path}")
-    return _decode(path, str(path), max_pixels)
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise ImageError(f"cannot read image {path}: {e.strerror or e}") from None
+    with f:
+        return _decode(_BoundedReads(f), str(path), max_pixels)
+
+
+class _BoundedReads:
+    """A binary file whose ``read(n)`` asks for no more than the bytes left in it.
+
+    Pillow reads some lengths straight from the file (PNG's load_end reads the rest of an IDAT
+    chunk by its claimed length, up to 4 GiB) and a buffered file allocates the whole request
+    before reading: a 100-byte PNG could take 4 GiB. Memory streams (bytes, data: URLs) already
+    clamp their reads.
+    """
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self._size = os.fstat(f.fileno()).st_size
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = max(0, self._size - self._f.tell())
+        return self._f.read(left if n is None or n < 0 or n > left else n)
+
+    def __getattr__(self, name):  # seek, tell, name, fileno, ...: the file's own
+        return getattr(self._f, name)
 
 
 def image_key(rgb: Image.Image) -> str:
@@ -104,10 +130,15 @@ def _decode(source: Path | IO[bytes], what: str, max_pixels: int) -> Image.Image
         raise
     except UnidentifiedImageError:
         raise ImageError(f"not an image (or an unsupported format): {what}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"image too large (decompression bomb protection): {what}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow refuses it in open(), before our own check sees the size: say how large it claims to be
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f" ({int(found.group(1)) / 1e6:.0f} MP, limit {max_pixels / 1e6:.0f} MP)" if found else ""
+        raise ImageError(f"image too large (decompression bomb protection): {what}{size}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"corrupt image {what}: {e}") from None
+    except MemoryError:  # a header that claims more than the checks above see, on a small machine
+        raise ImageError(f"corrupt image {what}: decoding it needs more memory than there is") from None
 
 
 def _check_bytes(data: bytes | bytearray | memoryview, what: str, max_bytes: int) -> bytes | bytearray:

@@ -90,7 +90,11 @@ def _is_projector(path: Path) -> bool:
 def open_projector(mmproj: Path, model_p, *, n_threads: int, use_gpu: bool, image_min_tokens: int | None = None,
                    image_max_tokens: int | None = None, what: str = "this model"):
     """An mtmd context for the projector GGUF ``mmproj`` on the loaded language model ``model_p``,
-    with the settings every gaze-edge model uses; ModelFilesError (with mtmd's reason) if refused."""
+    with the settings every gaze-edge model uses; ModelFilesError (with mtmd's reason) if refused,
+    InvalidGGUFError if the file would crash clip.cpp (gaze_edge.runtime.gguf_check)."""
+    from gaze_edge.runtime import gguf_check
+
+    gguf_check.check_projector(mmproj, n_embd_text=int(llama_cpp.llama_model_n_embd_inp(model_p)))
     cparams = mtmd_cpp.mtmd_context_params_default()
     cparams.use_gpu = use_gpu
     cparams.n_threads = n_threads
@@ -210,6 +214,12 @@ class GazeModel:
 
             path = default_model_dir()
         files = find_model_files(path, mmproj)
+        from gaze_edge.runtime import gguf_check
+
+        # before llama.cpp sees them: a corrupt file is one clear error instead of a crash
+        gguf_check.check_model(files.model)
+        if files.mmproj is not None:
+            gguf_check.check_projector(files.mmproj)  # open_projector checks it against the model too
         logs.install(verbose)
         logs.take_errors()
         llama_cpp.llama_backend_init()
