@@ -18,7 +18,8 @@ line naming the file and the problem:
   offset where llama.cpp expects it and its bytes (shape x type) inside the file;
 - the language model: the architecture named; what llama.cpp's load_hparams asserts (layer count
   1 to 512, expert counts, a known rope scaling type); head counts consistent; norm epsilons
-  finite and >= 0 (ggml asserts it when the graph runs); the gaze top_k an int32; tokens unique;
+  finite and >= 0 (ggml asserts it when the graph runs); a sliding window below 2^24 (llama.cpp
+  reserves memory by it); the gaze top_k an int32 and keep_ratio in [1e-6, 1]; tokens unique;
   a SentencePiece vocabulary with a token for every byte (llama.cpp's byte fallback throws
   through llama_tokenize otherwise);
 - the projector: every ``clip.*`` key clip.cpp reads with a scalar getter holds that type; the
@@ -57,6 +58,8 @@ MAX_NAME = 64  # GGML_MAX_NAME: a tensor name is shorter
 MAX_DIMS = 4
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
 MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS
+MAX_SLIDING_WINDOW = 1 << 24  # tokens; far above any model's window
+MIN_KEEP_RATIO = 1e-6
 
 # GGUF value types (gguf.h): id -> (name, struct format or None for string/array)
 T_UINT8, T_INT8, T_UINT16, T_INT16, T_UINT32, T_INT32, T_FLOAT32, T_BOOL, T_STRING, T_ARRAY, T_UINT64, T_INT64, \
@@ -380,6 +383,16 @@ def check_model(path: str | os.PathLike) -> GGUFInfo:
     top_k = uint("attention.gaze.top_k")  # the C API takes an int32
     if top_k is not None and not 0 <= top_k < 2**31:
         raise info.fail(f"{arch}.attention.gaze.top_k is {top_k}")
+    ratio = info.kv.get(f"{arch}.attention.gaze.keep_ratio")
+    if ratio is not None and ratio.type in (T_FLOAT32, T_FLOAT64) and not MIN_KEEP_RATIO <= ratio.value <= 1:
+        # llama.cpp takes (0, 1]; the model's metadata reaches Python as "%f" text, where a
+        # ratio below 5e-7 reads as 0
+        raise info.fail(f"{arch}.attention.gaze.keep_ratio is {ratio.value} (a fraction in [{MIN_KEEP_RATIO}, 1])")
+    window = uint("attention.sliding_window")
+    if window is not None and window > MAX_SLIDING_WINDOW:
+        # llama_kv_cache::set_input_kq_mask reserves n_tokens + n_swa indices per sequence and step:
+        # a window of 2^31 is an 8 GiB allocation at the first decode (std::bad_alloc, an abort)
+        raise info.fail(f"{arch}.attention.sliding_window is {window} (at most {MAX_SLIDING_WINDOW})")
     rope = info.get(f"{arch}.rope.scaling.type")
     if isinstance(rope, str) and rope not in ROPE_SCALING_TYPES:
         raise info.fail(f"{arch}.rope.scaling.type is '{rope[:40]}' (one of {', '.join(ROPE_SCALING_TYPES)})")
