@@ -25,6 +25,7 @@ from typing import IO, Union
 from PIL import Image, UnidentifiedImageError
 
 from gaze_edge.errors import ImageError
+from gaze_edge.files import local_file
 
 # Larger images are refused before they are decoded. 64 MP is far above what any vision encoder
 # here takes.
@@ -67,13 +68,7 @@ def load_image(
         raise ImageError(
             f"an image must be a path, a PIL image, bytes or a data: URL, not {type(image).__name__}"
         )
-    if isinstance(image, str) and image.lower().startswith(("http://", "https://")):
-        raise ImageError(f"image URLs are not downloaded; save the file and pass its path: {image[:100]}")
-    path = Path(image)
-    if not path.exists():
-        raise ImageError(f"image not found: {path}")
-    if path.is_dir():
-        raise ImageError(f"image path is a folder: {path}")
+    path = local_file(image, "image", ImageError)
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below
     except OSError as e:

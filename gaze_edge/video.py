@@ -40,13 +40,13 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from gaze_edge.errors import GazeEdgeError, ImageError
+from gaze_edge.files import local_file
 
 DEFAULT_MAX_FRAMES = 8  # frames sampled when the caller gives no max_frames
 MAX_FRAMES = 1024  # more is refused: each frame is a whole image chunk in the context
@@ -159,13 +159,7 @@ def load_video(video: VideoInput, fps: float | None = None, max_frames: int | No
         return _decode(io.BytesIO(data), "<bytes>", fps, max_frames, max_frame_pixels, max_total_pixels)
     if not isinstance(video, str | os.PathLike):
         raise VideoError(f"a video must be a path, bytes, a list of frames or an array, not {type(video).__name__}")
-    if isinstance(video, str) and video.lower().startswith(("http://", "https://")):
-        raise VideoError(f"video URLs are not downloaded; save the file and pass its path: {video[:100]}")
-    path = Path(video)
-    if not path.exists():
-        raise VideoError(f"video not found: {path}")
-    if path.is_dir():
-        raise VideoError(f"video path is a folder: {path}")
+    path = local_file(video, "video", VideoError)
     if not os.access(path, os.R_OK):
         raise VideoError(f"cannot read video {path}: permission denied")
     return _decode(str(path), str(path), fps, max_frames, max_frame_pixels, max_total_pixels)
