@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_helpers import capture_queries
 from transformers import DynamicCache
 
 from gaze_edge.config import GazeConfig
@@ -227,29 +228,6 @@ def test_text_and_context_tokens_are_always_visible(family):
     assert (visible[..., ~non_grid].sum(-1) == 9).all()
 
 
-def _capture_queries(text_model):
-    """Forward pre-hooks recording each attention module's post-RoPE query."""
-    import sys
-
-    captured, handles = {}, []
-    for layer, block in enumerate(text_model.layers):
-        attn = block.self_attn
-        rope = sys.modules[type(attn).__module__]
-
-        def hook(module, args, kwargs, layer=layer, rope=rope):
-            hidden = kwargs["hidden_states"]
-            q = module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim).transpose(1, 2)
-            cos, sin = kwargs["position_embeddings"]
-            if hasattr(rope, "apply_multimodal_rotary_pos_emb"):
-                q, _ = rope.apply_multimodal_rotary_pos_emb(q, q, cos, sin, module.rope_parameters["mrope_section"])
-            else:
-                q, _ = rope.apply_rotary_pos_emb(q, q, cos, sin)
-            captured[layer] = q
-
-        handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
-    return captured, handles
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode,n_kv_heads", [("layer_mean", 2), ("gqa_mean", 1)])
 def test_a_gaze_step_equals_dense_attention_over_the_selected_cache(family, mode, n_kv_heads):
@@ -268,7 +246,7 @@ def test_a_gaze_step_equals_dense_attention_over_the_selected_cache(family, mode
         session = vlm._session
         prefill_cache = copy.deepcopy(session.cache)
         position = session.next_position
-        captured, handles = _capture_queries(text_model)
+        captured, handles = capture_queries(text_model)
         step = vlm.step(ANSWER[0])
         for h in handles:
             h.remove()

@@ -10,11 +10,11 @@ text model, Qwen2-VL / Qwen2.5-VL), several images and odd grids.
 from __future__ import annotations
 
 import copy
-import sys
 
 import numpy as np
 import pytest
 import torch
+from reference_helpers import capture_queries
 from transformers import DynamicCache
 
 from gaze_edge.config import (
@@ -64,27 +64,6 @@ def make_case(family: str, *, n_layers: int = 2, n_kv_heads: int = 2, attn: str 
 
 def _ids(prompt):
     return torch.cat([prompt, torch.tensor([ANSWER])], dim=1)
-
-
-def _capture_queries(text_model):
-    """Forward pre-hooks recording each attention module's post-RoPE query."""
-    captured, handles = {}, []
-    for layer, block in enumerate(text_model.layers):
-        attn = block.self_attn
-        rope = sys.modules[type(attn).__module__]
-
-        def hook(module, args, kwargs, layer=layer, rope=rope):
-            hidden = kwargs["hidden_states"]
-            q = module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim).transpose(1, 2)
-            cos, sin = kwargs["position_embeddings"]
-            if hasattr(rope, "apply_multimodal_rotary_pos_emb"):
-                q, _ = rope.apply_multimodal_rotary_pos_emb(q, q, cos, sin, module.rope_parameters["mrope_section"])
-            else:
-                q, _ = rope.apply_rotary_pos_emb(q, q, cos, sin)
-            captured[layer] = q
-
-        handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
-    return captured, handles
 
 
 def _brute_scores(q, keys, region, n_regions, mode):
@@ -158,7 +137,7 @@ def test_gqa_max_step_selects_what_brute_force_selects_per_kv_head(family):
     with torch.no_grad():
         vlm.prefill(prompt, **kwargs)
         cache = copy.deepcopy(vlm._session.cache)
-        captured, handles = _capture_queries(vlm.text_model)
+        captured, handles = capture_queries(vlm.text_model)
         step = vlm.step(ANSWER[0])
         for h in handles:
             h.remove()
@@ -199,7 +178,7 @@ def test_dense_first_layers_against_a_hand_pruned_cache(family):
         vlm.prefill(prompt, **kwargs)
         session = vlm._session
         cache, position = copy.deepcopy(session.cache), session.next_position
-        captured, handles = _capture_queries(vlm.text_model)
+        captured, handles = capture_queries(vlm.text_model)
         step = vlm.step(ANSWER[0])
         for h in handles:
             h.remove()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference_helpers import reference_inputs
 
 from gaze_edge.config import GazeConfig, pooled_context_tiles
 from gaze_edge.convert import convert
@@ -85,7 +86,6 @@ def run(model, vlm, family: str, settings: dict, gather: bool, kv_type: str = "f
     """Prefill both, then N_STEPS teacher-forced steps; yields (step, runtime, reference) outputs."""
     from PIL import Image
 
-    from gaze_edge.reference import ImageFeatures
     from gaze_edge.runtime.session import SessionImage
 
     _, sizes, (before, between, after) = FAMILIES[family]
@@ -98,14 +98,10 @@ def run(model, vlm, family: str, settings: dict, gather: bool, kv_type: str = "f
     s.add_image(Image.fromarray(image(*sizes[1], seed=1)), keep_embeddings=True)
     s.add_text(after)
 
-    image_token = vlm.model.config.image_token_id
-    ids, features, grids = [], [], []
+    ids, features = reference_inputs(s, vlm.model.config.image_token_id)
     for item in s.history:
         if isinstance(item, SessionImage):
             n_grid = item.grid[0] * item.grid[1]
-            ids += [image_token] * n_grid
-            features.append(torch.from_numpy(item.embeddings[:n_grid]))
-            grids.append(item.grid)
             if vlm.gaze_config.pooled:  # mtmd pooled them from the grid: the spec's tiles, by hand
                 grid = item.embeddings[:n_grid].reshape(item.grid[0], item.grid[1], -1)
                 tiles = pooled_context_tiles(item.grid[0], item.grid[1], vlm.gaze_config.n_context_tokens)
@@ -113,12 +109,10 @@ def run(model, vlm, family: str, settings: dict, gather: bool, kv_type: str = "f
                 np.testing.assert_allclose(item.embeddings[n_grid:], want, rtol=1e-5, atol=1e-6)
             else:
                 np.testing.assert_allclose(item.embeddings[n_grid:], vlm.context_tokens.detach().numpy(), atol=1e-6)
-        else:
-            ids.append(item)
     # the selection settings of this run; regions and context tokens stay the checkpoint's
     selection = {f: getattr(GAZE.replace(**settings), f) for f in ("top_k", "keep_ratio", "score_mode", "n_dense_layers")}
     vlm.gaze_config = vlm.gaze_config.replace(**selection)
-    ref = vlm.prefill(torch.tensor([ids]), image_features=ImageFeatures(features, grids))
+    ref = vlm.prefill(torch.tensor([ids]), image_features=features)
     rt_logits = s.logits()
     yield -1, rt_logits, None, ref.logits.float().numpy(), None
     for step in range(N_STEPS):

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from reference_helpers import reference_inputs
 
 from gaze_edge.chat import normalize_messages
 from gaze_edge.errors import GazeEdgeError
@@ -342,7 +343,6 @@ def test_runtime_matches_the_reference_on_video_frames(av, tmp_path, parity_mode
     import torch
 
     from gaze_edge.conversation import make_plan, prepare_call
-    from gaze_edge.reference import ImageFeatures
     from gaze_edge.runtime.session import SessionImage
 
     model, vlm, ckpt = parity_models(family)
@@ -375,21 +375,12 @@ def test_runtime_matches_the_reference_on_video_frames(av, tmp_path, parity_mode
     assert s.n_regions == sum(f.n_regions for f in frames) == 5 * frames[0].n_regions
 
     # the reference: the HF processor's ids for the same text and frames, mtmd's features
-    image_token = vlm.model.config.image_token_id
-    ids, features, grids = [], [], []
-    for item in s.history:
-        if isinstance(item, SessionImage):
-            n_grid = item.grid[0] * item.grid[1]
-            ids += [image_token] * n_grid
-            features.append(torch.from_numpy(item.embeddings[:n_grid]))
-            grids.append(item.grid)
-        else:
-            ids.append(item)
+    ids, features = reference_inputs(s, vlm.model.config.image_token_id)
     assert hf_input_ids(ckpt, family, text, call.images) == ids  # the same multi-frame sequence
     selection = {k: v for k, v in settings.items() if k != "gather"}
     vlm.gaze_config = vlm.gaze_config.replace(**{f: getattr(vlm.gaze_config.replace(**selection), f)
                                                  for f in ("top_k", "keep_ratio", "score_mode")})
-    ref = vlm.prefill(torch.tensor([ids]), image_features=ImageFeatures(features, grids))
+    ref = vlm.prefill(torch.tensor([ids]), image_features=features)
     rt = s.logits()
     assert cosine(rt, ref.logits.float().numpy()) >= 0.9999 and rt.argmax() == int(ref.logits.argmax())
     n_rows = n_compared = 0
