@@ -117,11 +117,10 @@ def _plain_gaze(mtmd_p, region: tuple[int, int], context_tokens: int) -> str | N
         return f"gaze region must be at least 1x1 and context tokens 0 to 64, got {rh}x{rw} and {context_tokens}"
     if not mtmd_p:
         return "gaze needs the model's projector (--mmproj)"
-    if bindings.mtmd_gaze_get_params(mtmd_p, None, None, None) and not bindings.mtmd_gaze_get_ctx_pooled(mtmd_p):
-        n = ctypes.c_int32(0)
-        bindings.mtmd_gaze_get_params(mtmd_p, None, None, ctypes.byref(n))
-        if n.value > 0:
-            return "this projector has learned gaze context tokens: its gaze settings come with it (drop the region)"
+    learned = ctypes.c_int32(0)
+    bindings.mtmd_gaze_get_params(mtmd_p, None, None, ctypes.byref(learned))
+    if learned.value > 0 and not bindings.mtmd_gaze_get_ctx_pooled(mtmd_p):
+        return "this projector has learned gaze context tokens: its gaze settings come with it (drop the region)"
     if not bindings.mtmd_gaze_set_params(mtmd_p, rw, rh, int(context_tokens)):
         return f"mtmd refused gaze region {rh}x{rw} with {context_tokens} context tokens{_why()}"
     return None
