@@ -16,6 +16,8 @@ from pathlib import Path
 
 import click
 
+from gaze_edge.config import CONTEXT_TOKEN_MODES, SCORE_MODES, TRAINING_FREE
+
 EXIT_INPUT = 1
 EXIT_RUNTIME_MISSING = 3
 
@@ -128,7 +130,10 @@ def runtime_build() -> None:
 
 def _load_model(model_path: str | None, threads: int | None, verbose: bool, *, mmproj: str | None = None,
                 n_ctx: int | None = None, gpu_layers: int = 0, image_min_tokens: int | None = None,
-                image_max_tokens: int | None = None):
+                image_max_tokens: int | None = None, gaze_asked: bool = False):
+    """gaze_asked: the command asks for gaze (--keep-ratio, --keep-regions, --gaze-map): a plain
+    GGUF pair then gazes with the training-free defaults (gaze_edge.config.TRAINING_FREE) without
+    --gaze-region."""
     from gaze_edge.default_model import default_model_dir
     from gaze_edge.runtime.model import GazeModel
 
@@ -139,8 +144,9 @@ def _load_model(model_path: str | None, threads: int | None, verbose: bool, *, m
         raise click.UsageError("--context-tokens goes with --gaze-region")
     return GazeModel.load(model_path or default_model_dir(), mmproj, n_threads=threads, verbose=verbose,
                           n_ctx=n_ctx, n_gpu_layers=gpu_layers, image_min_tokens=image_min_tokens,
-                          image_max_tokens=image_max_tokens, gaze_region=meta.get("gaze_region"),
-                          context_tokens=meta.get("context_tokens", 1))
+                          image_max_tokens=image_max_tokens,
+                          gaze_region=meta.get("gaze_region", "auto" if gaze_asked else None),
+                          context_tokens=meta.get("context_tokens"))
 
 
 def _remember(key: str, convert=None):
@@ -182,10 +188,13 @@ def model_options(func):
         click.option("-t", "--threads", type=click.IntRange(1), help="CPU threads (default: physical cores)."),
         click.option("--gaze-region", expose_value=False, callback=_remember("gaze_region", _gaze_region_option),
                      metavar="HxW", help="Gaze with a model not converted for it (e.g. a community GGUF pair): "
-                                         "regions of HxW grid tokens and pooled context tokens."),
+                                         "regions of HxW grid tokens and pooled context tokens [default with "
+                                         f"--keep-ratio or --keep-regions: {TRAINING_FREE.region_h}x"
+                                         f"{TRAINING_FREE.region_w}]."),
         click.option("--context-tokens", type=click.IntRange(0, 64), expose_value=False,
                      callback=_remember("context_tokens"),
-                     help="With --gaze-region: context tokens pooled from each image [default: 1]."),
+                     help="With --gaze-region: context tokens pooled from each image "
+                          f"[default: {TRAINING_FREE.n_context_tokens}]."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -302,7 +311,8 @@ def chat(images, video, fps, max_frames, prompt, model_path, mmproj, ctx_size, g
         clip = load_video(video, fps=fps, max_frames=max_frames)  # video errors too
     verbose = bool(click.get_current_context().find_root().params.get("verbose"))
     model = _load_model(model_path, threads, verbose, mmproj=mmproj, n_ctx=ctx_size, gpu_layers=gpu_layers,
-                        image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens)
+                        image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens,
+                        gaze_asked=bool(keep_regions or keep_ratio or gaze_map))
     if gaze_map and model.gaze_defaults().region_h is None:
         raise GazeEdgeError("--gaze-map needs a gaze model (this one has no gaze regions)")
     options = dict(sampling, gaze=False if dense else None, keep_regions=keep_regions, keep_ratio=keep_ratio,
@@ -442,7 +452,8 @@ def caption_command(inputs, prompt, jsonl, model_path, mmproj, ctx_size, gpu_lay
     find_images(inputs, recursive=recursive)  # "no images found" before the model loads
     verbose = bool(click.get_current_context().find_root().params.get("verbose"))
     model = _load_model(model_path, threads, verbose, mmproj=mmproj, n_ctx=ctx_size, gpu_layers=gpu_layers,
-                        image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens)
+                        image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens,
+                        gaze_asked=bool(keep_ratio))
     summary = caption(model, inputs, jsonl=jsonl, prompt=prompt, resume=not no_resume, recursive=recursive,
                       progress=False if quiet else None, max_tokens=max_tokens, temperature=temperature,
                       seed=seed, gaze=False if dense else None, keep_ratio=keep_ratio)
@@ -522,10 +533,6 @@ def convert(src: str, outdir: str, outtype: str, name: str | None) -> None:
     click.echo(mmproj)
 
 
-CONTEXT_TOKEN_MODES = ("learned", "pooled")  # gaze_edge.config.CONTEXT_TOKEN_MODES (tests check they agree)
-SCORE_MODES = ("gqa_mean", "per_head", "layer_mean", "gqa_max")  # gaze_edge.config.SCORE_MODES
-
-
 class _ContextTokens(click.ParamType):
     """``learned`` or ``pooled``; a number is the older spelling of ``--n-context-tokens N`` (learned)."""
 
@@ -544,26 +551,31 @@ class _ContextTokens(click.ParamType):
 @main.command("make-gaze")
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
-@click.option("--region", default="2x2", show_default=True, help="Region size HxW in grid tokens.")
-@click.option("--context-tokens", "context_mode", default="learned", show_default=True, type=_ContextTokens(),
-              help="learned: a tensor saved with the model, initialised from the mean image embedding; "
-                   "pooled: computed from each image's own embeddings at run time (nothing saved).")
-@click.option("--n-context-tokens", default=1, show_default=True, type=click.IntRange(0, 64),
-              help="Context tokens after every image.")
-@click.option("--keep-ratio", default=0.25, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--region", default=f"{TRAINING_FREE.region_h}x{TRAINING_FREE.region_w}", show_default=True,
+              help="Region size HxW in grid tokens.")
+@click.option("--context-tokens", "context_mode", default=TRAINING_FREE.context_tokens, show_default=True,
+              type=_ContextTokens(),
+              help="pooled: computed from each image's own embeddings at run time (nothing saved); learned: a "
+                   "tensor saved with the model, initialised from the mean image embedding (to distil or "
+                   "fine-tune).")
+@click.option("--n-context-tokens", default=TRAINING_FREE.n_context_tokens, show_default=True,
+              type=click.IntRange(0, 64), help="Context tokens after every image.")
+@click.option("--keep-ratio", default=TRAINING_FREE.keep_ratio, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True))
 @click.option("--keep-regions", "top_k", default=0, show_default=True, type=click.IntRange(0),
               help="Regions kept per step (the checkpoint's gaze top_k); > 0 overrides --keep-ratio.")
-@click.option("--score-mode", default="gqa_mean", show_default=True, type=click.Choice(SCORE_MODES),
+@click.option("--score-mode", default=TRAINING_FREE.score_mode, show_default=True, type=click.Choice(SCORE_MODES),
               help="How regions are scored (docs/GAZE_SPEC.md): gqa_max keeps a region one query head wants.")
-@click.option("--dense-layers", "n_dense_layers", default=0, show_default=True, type=click.IntRange(0),
-              help="The first N text layers attend to every image token at gaze steps.")
+@click.option("--dense-layers", "n_dense_layers", default=TRAINING_FREE.n_dense_layers, show_default=True,
+              type=click.IntRange(0), help="The first N text layers attend to every image token at gaze steps.")
 @handle_errors
 def make_gaze(src: str, dst: str, region: str, context_mode: str | int, n_context_tokens: int,
               keep_ratio: float, top_k: int, score_mode: str, n_dense_layers: int) -> None:
     """Turn a dense HF checkpoint into a gaze checkpoint ("training-free" gaze).
 
-    Learned context tokens start as the mean image embedding (fine-tune or distil for best
-    results); pooled ones need no tensor.
+    The defaults are the measured training-free ones (docs/TRAINING.md): one context token pooled
+    from each image (no tensor), gqa_max scoring. Learned context tokens start as the mean image
+    embedding (fine-tune or `gaze-edge distill` them for best results).
     """
     from gaze_edge.checkpoint import dense_to_gaze
     from gaze_edge.config import GazeConfig
@@ -615,13 +627,15 @@ def _parse_region(text: str) -> tuple[int, int]:
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--answer-tokens", default=64, show_default=True, type=click.IntRange(1),
               help="Longest answer the dense model writes for each prompt.")
-@click.option("--region", help="Dense SRC: region size HxW in grid tokens [default: 2x2].")
+@click.option("--region", help=f"Dense SRC: region size HxW in grid tokens [default: {TRAINING_FREE.region_h}x"
+                               f"{TRAINING_FREE.region_w}].")
 @click.option("--n-context-tokens", type=click.IntRange(1, 64),
-              help="Dense SRC: learned context tokens after every image [default: 4].")
+              help="Dense SRC: learned context tokens after every image [default: 1].")
 @click.option("--score-mode", type=click.Choice(SCORE_MODES),
-              help="How regions are scored [default: SRC's, or gqa_mean].")
+              help=f"How regions are scored [default: SRC's, or {TRAINING_FREE.score_mode}].")
 @click.option("--dense-layers", "n_dense_layers", type=click.IntRange(0),
-              help="The first N text layers attend to every image token at gaze steps [default: SRC's, or 0].")
+              help="The first N text layers attend to every image token at gaze steps "
+                   f"[default: SRC's, or {TRAINING_FREE.n_dense_layers}].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda when present]")
 @click.option("--bf16/--f32", "bf16", default=None,
               help="bf16 autocast for the training steps [default: on] (measurements are float32).")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from gaze_edge.config import GazeConfig
+from gaze_edge.config import TRAINING_FREE, GazeConfig
 
 CONFIG_FILE = "config.json"
 CONFIG_KEY = "gaze"
@@ -212,12 +212,13 @@ def mean_image_context_tokens(
 def dense_to_gaze(
     src: str | Path,
     dst: str | Path,
-    gaze_config: GazeConfig,
+    gaze_config: GazeConfig = TRAINING_FREE,
     *,
     image_kwargs: dict | None = None,
     seed: int = 0,
 ) -> Path:
-    """Make a gaze checkpoint from a dense checkpoint of a supported family.
+    """Make a gaze checkpoint from a dense checkpoint of a supported family (by default with the
+    training-free settings, ``TRAINING_FREE``: what ``gaze-edge make-gaze`` writes without flags).
 
     Every file of ``src`` is copied unchanged (weights, tokenizer, processor) except config.json,
     which gains the gaze object; learned context tokens come from ``mean_image_context_tokens``

@@ -6,9 +6,12 @@ One dataclass shared by the reference, the checkpoint format, the converter and 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: the CLI reads this module at start-up
+    import numpy as np
 
 SCORE_MODES = ("gqa_mean", "per_head", "layer_mean", "gqa_max")
 CONTEXT_TOKEN_MODES = ("learned", "pooled")
@@ -84,11 +87,19 @@ class GazeConfig:
         return cls(**d)
 
 
+# Training-free gaze (docs/TRAINING.md, "Gaze for dense checkpoints", measured on the dense-trained
+# GazeScenes twins): what `gaze-edge make-gaze` writes by default, and what a GGUF pair that was not
+# converted for gaze gazes with when asked to (`--keep-ratio` on a plain pair; its context tokens
+# are pooled, it has no tensor).
+TRAINING_FREE = GazeConfig(region_h=2, region_w=2, n_context_tokens=1, keep_ratio=0.25, score_mode="gqa_max",
+                           n_dense_layers=0, context_tokens="pooled")
+
+
 def keep_ratio_ppm(keep_ratio: float) -> int:
     """keep_ratio in parts per million, as every implementation reads it (GAZE_SPEC.md,
     Selection): the float32 the GGUF and the C API hold, times 10^6, rounded half away from zero
     (C's lround; exact in double for ratios in (0, 1])."""
-    y = float(np.float32(keep_ratio)) * 1e6
+    y = struct.unpack("f", struct.pack("f", keep_ratio))[0] * 1e6
     return int(math.floor(y + 0.5))
 
 
@@ -113,6 +124,8 @@ def visual_kv_fraction(
     count); each reads every visual entry. The result is grid tokens read, summed over layers and
     KV heads, / (grid tokens x (n_dense_layers + n_gazed_layers) x KV heads).
     """
+    import numpy as np
+
     selected = np.asarray(selected)
     region_sizes = np.asarray(region_sizes)
     n_layers, n_sel_heads, _ = selected.shape

@@ -30,7 +30,7 @@ from gaze_edge.checkpoint import (
     save_gaze_checkpoint,
     write_gaze,
 )
-from gaze_edge.config import CONTEXT_TOKEN_MODES, SCORE_MODES, GazeConfig
+from gaze_edge.config import CONTEXT_TOKEN_MODES, SCORE_MODES, TRAINING_FREE, GazeConfig
 from gaze_edge.convert import ConvertError, convert
 from gaze_edge.convert.gaze import (
     GazeParts,
@@ -252,10 +252,6 @@ def test_dense_to_gaze_pooled_writes_no_tensor_and_loads_no_model(tmp_path, monk
 
 # --- make-gaze ----------------------------------------------------------------------------------
 
-def test_cli_choices_are_the_configs():
-    assert cli.SCORE_MODES == SCORE_MODES and cli.CONTEXT_TOKEN_MODES == CONTEXT_TOKEN_MODES
-
-
 @pytest.fixture(scope="module")
 def dense_llava(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("dense") / "llava"
@@ -275,13 +271,23 @@ def test_make_gaze_pooled_with_every_option(dense_llava, tmp_path):
     assert tokens.shape == (0, 32) and not (dst / WEIGHTS_FILE).exists()
 
 
+def test_make_gaze_without_flags_writes_the_training_free_defaults(dense_llava, tmp_path):
+    dst = tmp_path / "gaze"
+    result = CliRunner().invoke(cli.main, ["make-gaze", str(dense_llava), str(dst)])
+    assert result.exit_code == 0, result.output
+    config, tokens = load_gaze(dst)
+    assert config == TRAINING_FREE and config.pooled and config.score_mode == "gqa_max"
+    assert tokens.shape == (0, 32) and not (dst / WEIGHTS_FILE).exists()
+
+
 def test_make_gaze_learned_keeps_the_mean_embedding_initialisation(dense_llava, tmp_path):
     for args, n in ((["--context-tokens", "learned", "--n-context-tokens", "2"], 2), (["--context-tokens", "3"], 3)):
         dst = tmp_path / f"gaze-{n}"
         result = CliRunner().invoke(cli.main, ["make-gaze", str(dense_llava), str(dst), *args])
         assert result.exit_code == 0, result.output
         config, tokens = load_gaze(dst)
-        assert config == GazeConfig(n_context_tokens=n) and tokens.shape == (n, 32)
+        assert config == TRAINING_FREE.replace(context_tokens="learned", n_context_tokens=n)
+        assert tokens.shape == (n, 32)
         vlm = load_gaze_vlm(dst)
         with torch.no_grad():
             features = torch.cat(vlm.image_features(**calibration_images(vlm.model)).features)

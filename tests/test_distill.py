@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from gaze_edge.cli import main
+from gaze_edge.config import TRAINING_FREE
 from gaze_edge.convert.tiny import LLAVA_IMAGE_SIZE, QWEN_IMAGE_SIZE, tiny_checkpoint
 from gaze_edge.errors import GazeEdgeError
 
@@ -33,6 +34,9 @@ torch.set_num_threads(1)
 PROMPTS = ["Describe the image.", "What is in the image?", "What colour is the top left?"]
 SIZES = {"llava": LLAVA_IMAGE_SIZE, "qwen2vl": QWEN_IMAGE_SIZE}
 FAST = dict(steps=40, batch_size=4, answer_tokens=12, progress=False)
+# a dense SRC: four context tokens and gqa_mean give these tiny random models a divergence to lower
+# (with the defaults, one token and gqa_max, the tiny Qwen2-VL starts at 2e-4 nats per token)
+DENSE_FAST = dict(FAST, context_tokens=4, score_mode="gqa_mean")
 
 
 def write_images(folder: Path, size: int, n: int = 6) -> Path:
@@ -67,7 +71,7 @@ def distilled(inputs, tmp_path_factory):
         if family not in cache:
             ckpt, images, prompts = inputs[family]
             out = root / f"out-{family}"
-            cache[family] = (out, distill(ckpt, out, images=images, prompts=prompts, **FAST))
+            cache[family] = (out, distill(ckpt, out, images=images, prompts=prompts, **DENSE_FAST))
         return cache[family]
 
     return get
@@ -132,7 +136,7 @@ def test_a_stopped_run_continues_to_the_uninterrupted_result(inputs, tmp_path, m
     from gaze_edge.train.distill import teacher
 
     ckpt, images, prompts = inputs["llava"]
-    settings = dict(images=images, prompts=prompts, lora_rank=2, **{**FAST, "steps": 20})
+    settings = dict(images=images, prompts=prompts, lora_rank=2, **{**DENSE_FAST, "steps": 20})
     whole = distill(ckpt, tmp_path / "whole", **settings)
 
     part = distill(ckpt, tmp_path / "split", stop_after=8, **settings)
@@ -236,6 +240,17 @@ def test_prompts_are_the_runtimes_and_the_training_encoders():
         encoded = encoder.encode(image, prompt)
         assert encoded.prompt_ids == Encoder(encoder.tokenizer, 196).prompt_ids(prompt)
         assert torch.equal(encoded.pixels["pixel_values"], pixel_values([image]))
+
+
+def test_a_dense_source_gets_the_training_free_defaults_with_one_learned_token(inputs):
+    from gaze_edge.train.distill.source import load, student_config
+
+    source = load(inputs["llava"][0], torch.device("cpu"))
+    assert student_config(source, 0.1, None, None) == TRAINING_FREE.replace(
+        n_context_tokens=1, context_tokens="learned", keep_ratio=0.1, top_k=0)
+    assert student_config(source, 0.2, (3, 3), 2, "gqa_mean", 1) == TRAINING_FREE.replace(
+        region_h=3, region_w=3, n_context_tokens=2, context_tokens="learned", keep_ratio=0.2, top_k=0,
+        score_mode="gqa_mean", n_dense_layers=1)
 
 
 def test_samples_held_out_and_batches_are_fixed():

@@ -51,6 +51,27 @@ def test_chat_gazes_on_a_plain_pair_with_gaze_region(pairs):
     assert out["generated_tokens"] >= 2 and 0 < out["visual_kv_fraction"] < 0.5
 
 
+def test_keep_ratio_alone_gazes_on_a_plain_pair_with_the_training_free_defaults(pairs):
+    from gaze_edge.config import TRAINING_FREE
+    from gaze_edge.runtime.model import GazeModel
+
+    plain, learned, img = pairs
+    r = gaze_edge("chat", "-m", plain, "--keep-ratio", "0.25", "--image", img, "-p", "Describe.", "-n", "4",
+                  "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["generated_tokens"] >= 2 and 0 < out["visual_kv_fraction"] < 0.5
+    with GazeModel.load(plain, n_threads=2, gaze_region="auto") as m:
+        d = m.gaze_defaults()
+        assert (d.region_h, d.region_w) == (TRAINING_FREE.region_h, TRAINING_FREE.region_w)
+        assert (d.n_context_tokens, d.context_tokens) == (TRAINING_FREE.n_context_tokens, "pooled")
+        assert (d.keep_ratio, d.score_mode, d.n_dense_layers) == (
+            TRAINING_FREE.keep_ratio, TRAINING_FREE.score_mode, TRAINING_FREE.n_dense_layers)
+    with GazeModel.load(learned, n_threads=2, gaze_region="auto") as m:  # its own settings, untouched
+        d = m.gaze_defaults()
+        assert (d.region_h, d.region_w, d.n_context_tokens, d.context_tokens) == (2, 2, 2, "learned")
+
+
 @pytest.mark.parametrize("args, code, says", [
     (["--context-tokens", "2"], 2, "--context-tokens goes with --gaze-region"),
     (["--gaze-region", "2"], 2, "--gaze-region"),
@@ -74,6 +95,7 @@ def test_a_learned_gaze_model_keeps_its_own_settings(pairs):
 
 
 def test_load_with_gaze_region_reports_pooled_defaults(pairs):
+    from gaze_edge.config import TRAINING_FREE
     from gaze_edge.runtime.model import GazeModel
 
     plain, _, _ = pairs
@@ -82,4 +104,5 @@ def test_load_with_gaze_region_reports_pooled_defaults(pairs):
         assert (d.region_h, d.region_w, d.n_context_tokens, d.context_tokens) == (2, 3, 0, None)
     with GazeModel.load(plain, n_threads=2, gaze_region=(2, 2), context_tokens=3) as m:
         d = m.gaze_defaults()
-        assert (d.n_context_tokens, d.context_tokens, d.keep_ratio, d.score_mode) == (3, "pooled", 0.25, "gqa_mean")
+        assert (d.n_context_tokens, d.context_tokens) == (3, "pooled")
+        assert (d.keep_ratio, d.score_mode) == (TRAINING_FREE.keep_ratio, TRAINING_FREE.score_mode)

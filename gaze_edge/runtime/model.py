@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gaze_edge import gguf_names
+from gaze_edge.config import TRAINING_FREE, GazeConfig
 from gaze_edge.runtime import bindings, logs
 
 llama_cpp = bindings._llama_cpp
@@ -126,6 +127,14 @@ def _plain_gaze(mtmd_p, region: tuple[int, int], context_tokens: int) -> str | N
     return None
 
 
+def _auto_region(mtmd_p) -> tuple[int, int] | None:
+    """TRAINING_FREE's region for a projector that has no gaze settings; None for one that has
+    them (or for no projector: nothing to gaze at)."""
+    if not mtmd_p or bindings.mtmd_gaze_get_params(mtmd_p, None, None, None):
+        return None
+    return (TRAINING_FREE.region_h, TRAINING_FREE.region_w)
+
+
 def _why() -> str:
     """": <what llama.cpp logged as errors>" or "" (gaze_edge.runtime.logs)."""
     said = logs.take_errors()
@@ -185,8 +194,8 @@ class GazeModel:
         conversation_memory: int | None = None,
         image_min_tokens: int | None = None,
         image_max_tokens: int | None = None,
-        gaze_region: tuple[int, int] | None = None,
-        context_tokens: int = 1,
+        gaze_region: tuple[int, int] | str | None = None,
+        context_tokens: int | None = None,
         verbose: bool = False,
     ) -> GazeModel:
         """Load ``path`` (see ``find_model_files``): the language model, then its projector.
@@ -204,9 +213,12 @@ class GazeModel:
           limit beyond cached_conversations; at least one conversation is always kept).
         gaze_region: (region_h, region_w) makes a model gaze that was not converted for it (a
           community GGUF pair): regions of that size, and ``context_tokens`` context tokens pooled
-          from each image's own embeddings (GAZE_SPEC.md "Pooled context tokens"; 0: none). The
-          selection defaults then are keep_ratio 0.25, gqa_mean. Refused for a projector with
-          learned context tokens (its gaze settings come with it).
+          from each image's own embeddings (GAZE_SPEC.md "Pooled context tokens"; 0: none; None:
+          ``gaze_edge.config.TRAINING_FREE``'s count). Its selection defaults are TRAINING_FREE's
+          (keep ratio, score mode, dense layers). Refused for a projector with learned context
+          tokens (its gaze settings come with it). "auto": TRAINING_FREE's region for a projector
+          without gaze regions, nothing for one with them (what ``gaze-edge chat --keep-ratio``
+          asks for).
         """
         if path is None:
             from gaze_edge.default_model import default_model_dir
@@ -239,8 +251,11 @@ class GazeModel:
             except ModelFilesError:
                 llama_cpp.llama_model_free(model_p)
                 raise
+        if gaze_region == "auto":
+            gaze_region = _auto_region(mtmd_p)
         if gaze_region is not None:
-            why = _plain_gaze(mtmd_p, gaze_region, context_tokens)
+            why = _plain_gaze(mtmd_p, gaze_region,
+                              TRAINING_FREE.n_context_tokens if context_tokens is None else context_tokens)
             if why:
                 if mtmd_p:
                     mtmd_cpp.mtmd_free(mtmd_p)
@@ -322,14 +337,17 @@ class GazeModel:
         n_dense = self.meta(gguf_names.llm_key(gguf_names.LLM_N_DENSE_LAYERS, arch))
         names = {v: k for k, v in gguf_names.SCORE_MODE_IDS.items()}
         pooled = bool(self._mtmd) and bool(bindings.mtmd_gaze_get_ctx_pooled(self._mtmd))
+        # a GGUF without gaze keys: a plain pair gazing with the training-free settings (or not at
+        # all); a gaze GGUF's missing key takes the spec's default
+        base = GazeConfig() if any(v is not None for v in (top_k, keep_ratio, mode, n_dense)) else TRAINING_FREE
         return GazeDefaults(
             region_h=rh.value if has_regions else None,
             region_w=rw.value if has_regions else None,
             n_context_tokens=n_ctx.value,
             keep_regions=int(top_k) if top_k is not None else 0,
-            keep_ratio=float(keep_ratio) if keep_ratio is not None else 0.25,
-            score_mode=names[int(mode)] if mode is not None else "gqa_mean",
-            n_dense_layers=int(n_dense) if n_dense is not None else 0,
+            keep_ratio=float(keep_ratio) if keep_ratio is not None else base.keep_ratio,
+            score_mode=names[int(mode)] if mode is not None else base.score_mode,
+            n_dense_layers=int(n_dense) if n_dense is not None else base.n_dense_layers,
             context_tokens=("pooled" if pooled else "learned") if n_ctx.value > 0 else None,
         )
 

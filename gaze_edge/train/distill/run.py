@@ -233,8 +233,8 @@ def distill(
       lora_rank > 0 a LoRA adapter on the text attention projections, merged when saved).
     lora_lr: the adapter's peak learning rate (lr is the context tokens').
     answer_tokens: longest teacher answer. region, context_tokens: a dense SRC's gaze layout
-      (default 2x2 and 4 learned context tokens). score_mode, n_dense_layers: override SRC's
-      (or, for a dense SRC, GazeConfig's defaults).
+      (default 2x2 and 1 learned context token). score_mode, n_dense_layers: override SRC's
+      (or, for a dense SRC, the training-free defaults, gaze_edge.config.TRAINING_FREE).
     device: "cpu" or "cuda" (default: cuda when present). bf16: autocast the student's training
       forward (default: on CUDA yes, on CPU ``BF16_ON_CPU``); measurements are float32.
     fresh: start over (a teacher cache for the same source and samples is kept).

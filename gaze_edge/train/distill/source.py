@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 
-from gaze_edge.config import GazeConfig
+from gaze_edge.config import TRAINING_FREE, GazeConfig
 from gaze_edge.errors import GazeEdgeError
 
-DEFAULT_REGION = (2, 2)
-DEFAULT_CONTEXT_TOKENS = 4
+DEFAULT_REGION = (TRAINING_FREE.region_h, TRAINING_FREE.region_w)
+# one learned context token: four after the grid threw a dense-trained GazeScenes model off (its
+# dense decode fell from 92% to 46% once distilled; docs/TRAINING.md "Gaze for dense checkpoints")
+DEFAULT_CONTEXT_TOKENS = 1
 REPORT_FILE = "gaze_edge_distill.json"
 # SRC files the output does not copy: weights (re-saved when an adapter is merged), the gaze
 # tensor (written anew), and a distilled SRC's own report.
@@ -119,8 +121,8 @@ def student_config(source: Source, keep_ratio: float, region: tuple[int, int] | 
     """The gaze settings the output checkpoint will have, at ``keep_ratio`` (top_k 0).
 
     A gaze SRC keeps its region size and context tokens; a dense SRC gets ``region`` and
-    ``context_tokens`` learned tokens (defaults 2x2 and 4). ``score_mode`` and ``n_dense_layers``
-    override SRC's (gaze) or GazeConfig's defaults (dense) when given.
+    ``context_tokens`` learned tokens (defaults 2x2 and 1). ``score_mode`` and ``n_dense_layers``
+    override SRC's (gaze) or the training-free defaults (dense: ``TRAINING_FREE``) when given.
     """
     overrides = {k: v for k, v in (("score_mode", score_mode), ("n_dense_layers", n_dense_layers))
                  if v is not None}
@@ -135,8 +137,8 @@ def student_config(source: Source, keep_ratio: float, region: tuple[int, int] | 
             return source.teacher_config.replace(keep_ratio=keep_ratio, top_k=0, **overrides)
         rh, rw = region or DEFAULT_REGION
         n = DEFAULT_CONTEXT_TOKENS if context_tokens is None else context_tokens
-        return GazeConfig(region_h=rh, region_w=rw, n_context_tokens=n, top_k=0, keep_ratio=keep_ratio,
-                          context_tokens="learned", **overrides)
+        return TRAINING_FREE.replace(region_h=rh, region_w=rw, n_context_tokens=n, top_k=0, keep_ratio=keep_ratio,
+                                     context_tokens="learned", **overrides)
     except ValueError as err:  # GazeConfig's own checks (an unknown score mode, ...)
         raise GazeEdgeError(f"invalid gaze settings: {err}") from None
 
