@@ -235,9 +235,34 @@ def test_visual_kv_fraction_and_table(tokenizer):
     rows = [
         {"model": "m", "decode": "dense", "visual_kv": 1.0, "object_accuracy": 0.97},
         {"model": "m", "decode": "gaze 0.1", "visual_kv": 0.102, "object_accuracy": 0.5},
+        {"model": "d", "decode": "gaze 0.1", "visual_kv": 0.401, "object_accuracy": 0.8},
+        {"model": "e", "decode": "gaze 0.1", "visual_kv": 0.102, "object_accuracy": 0.6},
     ]
     table = markdown_table(rows)
     assert "| m | 97.0 | 50.0 |" in table and "gaze 0.1 (10% visual KV)" in table
+    assert "| d | - | 80.0 (40%) |" in table and "| e | - | 60.0 |" in table
+
+
+def test_evaluate_keeps_a_checkpoints_score_mode_and_counts_its_dense_layers(saved_dense, tmp_path, monkeypatch):
+    from gaze_edge.checkpoint import dense_to_gaze
+    from gaze_edge.train import evaluate as evaluate_module
+
+    _, model, processor, _ = saved_dense
+    src = tmp_path / "dense"
+    model.save_pretrained(src)
+    processor.save_pretrained(src)
+    cfg = GazeConfig(region_h=2, region_w=2, n_context_tokens=1, keep_ratio=0.25, score_mode="gqa_max",
+                     n_dense_layers=1)
+    net = load_model_folder(dense_to_gaze(src, tmp_path / "gaze", cfg))[0]
+    seen = []
+    monkeypatch.setattr(evaluate_module, "evaluate_net", lambda net, tok, **kw: seen.append(kw["gaze"]))
+    evaluate_module.evaluate(net, keep_ratio=0.1, tokenizer=processor.tokenizer, n_scenes=1)
+    evaluate_module.evaluate(net, keep_ratio=0.1, score_mode="gqa_mean", tokenizer=processor.tokenizer, n_scenes=1)
+    assert [g.score_mode for g in seen] == ["gqa_max", "gqa_mean"]
+    vlm, _ = inference_vlm(net, seen[0])
+    assert (vlm.gaze_config.score_mode, vlm.gaze_config.n_dense_layers, vlm.gaze_config.keep_ratio) == ("gqa_max", 1, 0.1)
+    layers = model.config.text_config.num_hidden_layers
+    assert visual_kv_fraction(net, 0.1) == pytest.approx((1 + (layers - 1) * 5 * 4 / 196) / layers)
 
 
 SHIPPED = __import__("pathlib").Path(__file__).resolve().parents[1] / "gaze_edge" / "models" / "default-hf"

@@ -45,16 +45,24 @@ def compare(
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Models as rows, decode settings as columns, object accuracy (%) in the cells."""
+    """Models as rows, decode settings as columns, object accuracy (%) in the cells; a cell whose
+    visual KV differs from its column's (dense first layers read more) says its own."""
     decodes = list(dict.fromkeys(r["decode"] for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows))
     cell = {(r["model"], r["decode"]): r for r in rows}
-    kv = {r["decode"]: r["visual_kv"] for r in rows}
-    head = "| model | " + " | ".join(f"{d} ({100 * kv[d]:.0f}% visual KV)" for d in decodes) + " |"
+    kv = {}
+    for r in rows:  # the column's visual KV: the most common among its rows
+        kv.setdefault(r["decode"], []).append(round(100 * r["visual_kv"]))
+    kv = {d: max(set(v), key=v.count) for d, v in kv.items()}
+
+    def text(v, d):
+        if v is None:
+            return "-"
+        own = round(100 * v["visual_kv"])
+        return f"{100 * v['object_accuracy']:.1f}" + ("" if own == kv[d] else f" ({own}%)")
+
+    head = "| model | " + " | ".join(f"{d} ({kv[d]}% visual KV)" for d in decodes) + " |"
     lines = [head, "|---|" + "---|" * len(decodes)]
     for m in models:
-        vals = [cell.get((m, d)) for d in decodes]
-        lines.append(
-            f"| {m} | " + " | ".join("-" if v is None else f"{100 * v['object_accuracy']:.1f}" for v in vals) + " |"
-        )
+        lines.append(f"| {m} | " + " | ".join(text(cell.get((m, d)), d) for d in decodes) + " |")
     return "\n".join(lines)

@@ -153,6 +153,7 @@ def evaluate(
     *,
     keep_ratio: float | None = None,
     top_k: int = 0,
+    score_mode: str | None = None,
     split: str = "test",
     n_scenes: int = 500,
     tokenizer=None,
@@ -165,6 +166,8 @@ def evaluate(
     keep_ratio / top_k: gaze at decode with that k rule (region size and context tokens are the
       model's; a dense-trained model gets 2x2 regions and no context tokens); both None / 0 means
       dense decoding.
+    score_mode: the gaze score mode; None keeps the model's own (a gaze checkpoint's, else
+      gqa_mean).
     """
     from gaze_edge.train.load import load_trained
     from gaze_edge.train.loop import pick_device
@@ -178,13 +181,16 @@ def evaluate(
         net, tokenizer = load_trained(path_or_net, dev)
     gaze = None
     if keep_ratio is not None or top_k:
-        gaze = GazeConfig(top_k=top_k, keep_ratio=keep_ratio if keep_ratio is not None else 1.0)
+        own = getattr(net, "gaze_config", None)
+        mode = score_mode or (own.score_mode if own is not None else GazeConfig.score_mode)
+        gaze = GazeConfig(top_k=top_k, keep_ratio=keep_ratio if keep_ratio is not None else 1.0, score_mode=mode)
     return evaluate_net(net, tokenizer, split=split, n_scenes=n_scenes, gaze=gaze, batch_size=batch_size)
 
 
 def visual_kv_fraction(net, keep_ratio: float | None) -> float:
     """Fraction of the grid's KV entries a gaze step reads (GAZE_SPEC.md "Accounting"), for the
-    default 196-token grid: selected regions' tokens / grid tokens (1.0 for dense)."""
+    default 196-token grid: selected regions' tokens / grid tokens (1.0 for dense), averaged over
+    the text layers: the first ``n_dense_layers`` of a gaze checkpoint read the whole grid."""
     from gaze_edge.reference import GazeVLM, region_token_counts
 
     if keep_ratio is None:
@@ -194,7 +200,10 @@ def visual_kv_fraction(net, keep_ratio: float | None) -> float:
     counts = region_token_counts(side, side, region.region_h, region.region_w)
     k = GazeConfig(region.region_h, region.region_w, keep_ratio=keep_ratio).n_selected(len(counts))
     # a selection holds k regions; edge regions may be smaller, so this is an upper bound per step
-    return float(counts.sort(descending=True).values[:k].sum()) / float(counts.sum())
+    gazed = float(counts.sort(descending=True).values[:k].sum()) / float(counts.sum())
+    n_layers = int(getattr(net, "model", net).config.text_config.num_hidden_layers)
+    dense = min(region.n_dense_layers, n_layers) if isinstance(net, GazeVLM) else 0
+    return (dense + (n_layers - dense) * gazed) / n_layers
 
 
 def net_image_tokens(net) -> int:
