@@ -259,6 +259,13 @@ def test_evaluate_keeps_a_checkpoints_score_mode_and_counts_its_dense_layers(sav
     evaluate_module.evaluate(net, keep_ratio=0.1, tokenizer=processor.tokenizer, n_scenes=1)
     evaluate_module.evaluate(net, keep_ratio=0.1, score_mode="gqa_mean", tokenizer=processor.tokenizer, n_scenes=1)
     assert [g.score_mode for g in seen] == ["gqa_max", "gqa_mean"]
+    # the runtime-vs-reference check decodes the reference with the checkpoint's score mode too
+    from gaze_edge.bench.quality import reference_captions
+
+    monkeypatch.setattr(evaluate_module, "generate_answers", lambda net, tok, scenes, gaze, **kw: seen.append(gaze))
+    reference_captions(net, processor.tokenizer, [], 0.25)
+    reference_captions(net, processor.tokenizer, [], None)
+    assert seen[2].score_mode == "gqa_max" and seen[2].keep_ratio == 0.25 and seen[3] is None
     vlm, _ = inference_vlm(net, seen[0])
     assert (vlm.gaze_config.score_mode, vlm.gaze_config.n_dense_layers, vlm.gaze_config.keep_ratio) == ("gqa_max", 1, 0.1)
     layers = model.config.text_config.num_hidden_layers

@@ -54,11 +54,9 @@ def load_reference(checkpoint):
 
 def reference_captions(net, tokenizer, scenes, keep_ratio: float | None) -> list[str]:
     """Greedy captions from the PyTorch reference (generate_answers puts the net's own settings back)."""
-    from gaze_edge.config import GazeConfig
-    from gaze_edge.train.evaluate import generate_answers
+    from gaze_edge.train.evaluate import decode_gaze, generate_answers
 
-    gaze = None if keep_ratio is None else GazeConfig(keep_ratio=keep_ratio)
-    return generate_answers(net, tokenizer, scenes, gaze=gaze, max_new_tokens=MAX_TOKENS)
+    return generate_answers(net, tokenizer, scenes, gaze=decode_gaze(net, keep_ratio), max_new_tokens=MAX_TOKENS)
 
 
 def run(model, keep_ratios: list[float | None], *, n_scenes: int = 500, split: str = "test",

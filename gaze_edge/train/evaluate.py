@@ -179,12 +179,20 @@ def evaluate(
         net = path_or_net.to(dev)
     else:
         net, tokenizer = load_trained(path_or_net, dev)
-    gaze = None
-    if keep_ratio is not None or top_k:
-        own = getattr(net, "gaze_config", None)
-        mode = score_mode or (own.score_mode if own is not None else GazeConfig.score_mode)
-        gaze = GazeConfig(top_k=top_k, keep_ratio=keep_ratio if keep_ratio is not None else 1.0, score_mode=mode)
+    gaze = decode_gaze(net, keep_ratio, top_k, score_mode)
     return evaluate_net(net, tokenizer, split=split, n_scenes=n_scenes, gaze=gaze, batch_size=batch_size)
+
+
+def decode_gaze(net, keep_ratio: float | None, top_k: int = 0, score_mode: str | None = None) -> GazeConfig | None:
+    """The ``gaze`` argument of the decoders for a keep ratio / top_k (None for dense decoding:
+    both None / 0): the k rule asked for, with ``score_mode`` or else the model's own (a gaze
+    checkpoint's, else gqa_mean), which a bare ``GazeConfig(keep_ratio=r)`` would replace by
+    gqa_mean."""
+    if keep_ratio is None and not top_k:
+        return None
+    own = getattr(net, "gaze_config", None)
+    mode = score_mode or (own.score_mode if own is not None else GazeConfig.score_mode)
+    return GazeConfig(top_k=top_k, keep_ratio=keep_ratio if keep_ratio is not None else 1.0, score_mode=mode)
 
 
 def visual_kv_fraction(net, keep_ratio: float | None) -> float:

@@ -158,12 +158,12 @@ def chat_table(
     questions) and with a second image shown in turn 2 (turns 2-3 questions about it)."""
     import time
 
-    from gaze_edge.train.evaluate import evaluate_net, evaluate_questions
+    from gaze_edge.train.evaluate import decode_gaze, evaluate_net, evaluate_questions
 
     rows = []
     for ratio in keep_ratios:
         t0 = time.perf_counter()
-        gaze = None if ratio is None else GazeConfig(keep_ratio=ratio)
+        gaze = decode_gaze(net, ratio)
         same = evaluate_conversations(net, tokenizer, split=split, n_scenes=n_scenes, gaze=gaze)
         new = evaluate_conversations(net, tokenizer, split=split, n_scenes=n_scenes, gaze=gaze, new_image=True)
         row = {
