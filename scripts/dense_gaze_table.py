@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,17 +58,9 @@ DISTILLED: dict[str, dict] = {
 
 
 def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
+    from gaze_edge.bench.warm import cpu_name
 
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def make_variant(dense: Path, folder: Path, settings: dict) -> Path:
@@ -108,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     from gaze_edge import distill
     from gaze_edge.train.compare import compare, markdown_table
 
-    print(f"# machine: {machine()}", file=sys.stderr)
+    where = machine()
+    print(f"# machine: {where}", file=sys.stderr)
     rows = []
     for name in names:
         extra = {}
@@ -129,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = make_variant(args.dense, args.work / name, VARIANTS[name])
 
         def emit(row, extra=extra):
-            row.update(extra, machine=machine())
+            row.update(extra, machine=where)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.json:

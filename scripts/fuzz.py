@@ -501,17 +501,6 @@ def _import_runtime(retries: int = 20) -> None:
         os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def _slug(kind: str) -> str:
     return hashlib.sha1(kind.encode()).hexdigest()[:10]
 
@@ -599,6 +588,8 @@ class Fuzzer:
     def run(self) -> dict:
         from tqdm import tqdm
 
+        from gaze_edge.bench.warm import cpu_name
+
         args = self.args
         begin = time.monotonic()
         running: dict[int, Running] = {}
@@ -644,7 +635,7 @@ class Fuzzer:
             "top_clean_errors": [{"message": k, "count": c} for k, c in self.clean_kinds.most_common(25)],
             "seconds": round(seconds, 1), "inputs_per_second": round(index / seconds, 2) if seconds else None,
             "seed": args.seed, "unguarded": args.unguarded, "workers": args.workers, "timeout": args.timeout, "memory_gib": args.memory_gib,
-            "machine": machine(), "seeds": [s.name for s in self.seeds],
+            "machine": cpu_name(), "seeds": [s.name for s in self.seeds],
             "command": " ".join([".venv/bin/python", "scripts/fuzz.py", *sys.argv[1:]]),
         }
         self.out.mkdir(parents=True, exist_ok=True)
