@@ -5,6 +5,8 @@
     python -m gaze_edge.train eval runs/default --keep-ratio dense --keep-ratio 0.25
     python -m gaze_edge.train compare gaze=runs/default dense=runs/dense --json table.json
     python -m gaze_edge.train chat-eval gaze_edge/models/default-hf --scenes 500
+    python -m gaze_edge.train train --preset video --init-from gaze_edge/models/default-hf --out runs/video
+    python -m gaze_edge.train video-eval runs/video --clips 500 --keep-ratio dense --keep-ratio 0.1
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (resumes an unfinished run in --out)")
-    t.add_argument("--preset", default="default", help="smoke, default, dense or chat")
+    t.add_argument("--preset", default="default", help="smoke, default, dense, chat or video")
     t.add_argument("--out", required=True, help="run folder (the model lands in OUT/model)")
     t.add_argument("--steps", type=int, help="override the preset's step count")
     t.add_argument("--seed", type=int, help="override the preset's seed")
     t.add_argument("--gaze-from-step", type=int, help="dense steps before gaze training starts")
     t.add_argument("--init-from", help="model folder to fine-tune (the chat preset needs one)")
     t.add_argument("--chat-fraction", type=float, help="share of multi-turn conversation samples")
+    t.add_argument("--video-fraction", type=float, help="share of clip questions (video)")
     t.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--fresh", action="store_true", help="start over instead of resuming")
@@ -59,13 +62,24 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--threads", type=int, help="torch CPU threads")
     h.add_argument("--json", help="write the rows here")
 
+    v = sub.add_parser("video-eval", help="accuracy on GazeScenes clips (one question each, frames as a video)")
+    v.add_argument("path")
+    v.add_argument("--keep-ratio", action="append", type=_ratio, help="'dense' or a ratio; repeatable")
+    v.add_argument("--clips", type=int, default=500)
+    v.add_argument("--frames", type=int, default=8, help="frames per clip (8-32)")
+    v.add_argument("--split", default="test")
+    v.add_argument("--device")
+    v.add_argument("--threads", type=int, help="torch CPU threads")
+    v.add_argument("--json", help="write the rows here")
+
     args = parser.parse_args(argv)
     if args.command == "train":
         from gaze_edge.train import preset, train
 
         changes = {k: v for k, v in (("steps", args.steps), ("seed", args.seed),
                                       ("gaze_from_step", args.gaze_from_step), ("init_from", args.init_from),
-                                      ("chat_fraction", args.chat_fraction)) if v is not None}  # fmt: skip
+                                      ("chat_fraction", args.chat_fraction), ("video_fraction", args.video_fraction))
+                   if v is not None}  # fmt: skip
         folder = train(
             preset(args.preset, **changes), args.out, resume=not args.fresh, progress=not args.no_progress,
             device=args.device, threads=args.threads, on_log=lambda r: print(json.dumps(r), flush=True),
@@ -77,6 +91,22 @@ def main(argv: list[str] | None = None) -> int:
         for row in compare({args.path: args.path}, args.keep_ratio or [None], n_scenes=args.scenes,
                            split=args.split, device=args.device):  # fmt: skip
             print(json.dumps(row), flush=True)
+    elif args.command == "video-eval":
+        from gaze_edge.train.evaluate_video import video_markdown, video_table
+        from gaze_edge.train.load import load_trained
+        from gaze_edge.train.loop import pick_device
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        net, tokenizer = load_trained(args.path, pick_device(args.device))
+        rows = video_table(net, tokenizer, args.keep_ratio or [None, 0.25, 0.1, 0.05], split=args.split,
+                           n_clips=args.clips, n_frames=args.frames, on_row=lambda r: print(json.dumps(r), flush=True))  # fmt: skip
+        print(video_markdown(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
     elif args.command == "chat-eval":
         from gaze_edge.train.evaluate_chat import chat_markdown, chat_table
         from gaze_edge.train.load import load_trained

@@ -9,6 +9,7 @@ from gaze_edge.config import GazeConfig
 from gaze_edge.train.model import SMOKE_SPEC, ModelSpec
 
 CHAT_STEPS = 1200
+VIDEO_STEPS = 800
 DEFAULT_GAZE = GazeConfig(region_h=2, region_w=2, n_context_tokens=4, keep_ratio=0.25)
 
 
@@ -29,6 +30,9 @@ class TrainConfig:
       and context tokens the run starts from (fine-tuning) instead of a random init.
     earlier_first_tokens: in conversations, also supervise the first token of every earlier
       answer (predicted from the dense prompt at inference too, so the semantics stay exact).
+    video_fraction: share of training samples that are questions about GazeScenes clips
+      (gaze_edge.scenes.clips) of ``video_frames`` frames, shown as a video; the rest are single
+      turns and conversations as ``chat_fraction`` says (of the rest).
     micro_batches: each step's batch is computed in this many length-sorted parts (gradients
       accumulated; the same mean loss), which saves padding when lengths vary (conversations).
     """
@@ -55,6 +59,8 @@ class TrainConfig:
     init_from: str | None = None
     micro_batches: int = 1
     earlier_first_tokens: bool = False
+    video_fraction: float = 0.0
+    video_frames: int = 8
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32"):
@@ -63,6 +69,8 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be >= 1")
         if not 0.0 <= self.chat_fraction <= 1.0:
             raise ValueError(f"chat_fraction must be in [0, 1], got {self.chat_fraction}")
+        if not 0.0 <= self.video_fraction <= 1.0:
+            raise ValueError(f"video_fraction must be in [0, 1], got {self.video_fraction}")
 
     def replace(self, **changes) -> TrainConfig:
         return replace(self, **changes)
@@ -107,6 +115,14 @@ PRESETS: dict[str, TrainConfig] = {
     "chat": TrainConfig(gaze=DEFAULT_GAZE, gaze_from_step=0, steps=CHAT_STEPS, lr=5e-4, warmup_steps=50,
                         chat_fraction=0.7, earlier_first_tokens=True, micro_batches=3, eval_every=300,
                         checkpoint_every=50),
+    # the chat model (init_from: gaze_edge/models/default-hf) fine-tuned for video as well: half
+    # the samples questions about 8-frame GazeScenes clips (gaze_edge.scenes.clips), the rest the
+    # chat preset's mix, so images and conversations stay trained; positions up to 2048 (a clip is
+    # ~1760 tokens with its frame labels and context tokens)
+    "video": TrainConfig(model=ModelSpec(max_positions=2048), gaze=DEFAULT_GAZE, gaze_from_step=0, steps=VIDEO_STEPS,
+                         batch_size=8, lr=1e-3, warmup_steps=30, chat_fraction=0.5, video_fraction=0.5,
+                         earlier_first_tokens=True, micro_batches=2, eval_every=200, eval_scenes=100,
+                         checkpoint_every=25),
 }  # fmt: skip
 
 
@@ -114,6 +130,6 @@ def preset(name: str, **changes) -> TrainConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
     config = PRESETS[name].replace(**changes) if changes else PRESETS[name]
-    if name == "chat" and not config.init_from:
-        raise ValueError("the chat preset fine-tunes a trained model: give init_from (--init-from FOLDER)")
+    if name in ("chat", "video") and not config.init_from:
+        raise ValueError(f"the {name} preset fine-tunes a trained model: give init_from (--init-from FOLDER)")
     return config

@@ -20,7 +20,7 @@ from gaze_edge.scenes import Example, Scene, make_example, render, sample_scene
 from gaze_edge.scenes.conversation import Conversation, sample_conversation
 from gaze_edge.scenes.splits import SPLIT_SIZE, SPLITS
 from gaze_edge.train.model import IMAGE_MEAN, IMAGE_STD
-from gaze_edge.train.tokenizer import IMAGE, answer_text, conversation_text, prompt_text
+from gaze_edge.train.tokenizer import IMAGE, answer_text, conversation_text, prompt_text, video_prompt_text
 
 IGNORE = -100
 
@@ -206,9 +206,54 @@ def chat_batch(
     return collate_ids(encoder, seqs, starts, images, extra)
 
 
+def clip_sample(encoder: Encoder, clip, example: Example) -> tuple[list[int], int]:
+    """(token ids, answer start) of a question about a clip, its frames laid out as a video."""
+    prompt = encoder.text_ids(video_prompt_text(example.prompt, len(clip.frames)))
+    return prompt + encoder.answer_ids(example.answer), len(prompt)
+
+
+def video_batch(encoder: Encoder, step: int, batch_size: int, seed: int, question_fraction: float,
+                chat_fraction: float, video_fraction: float, n_frames: int,
+                earlier_first_tokens: bool = False) -> Batch:  # fmt: skip
+    """The training batch of ``step`` with about ``video_fraction`` clip questions
+    (gaze_edge.scenes.clips: a fresh train clip per row, kinds uniform); the other rows are
+    ``chat_batch``'s (conversations with probability ``chat_fraction``, else single-turn)."""
+    from gaze_edge.scenes.clips import clip_question, sample_clip
+
+    first = (seed * 100_000_000 + step * batch_size) % SPLIT_SIZE
+    rng = random.Random(f"gazescenes-video-{seed}-{step}")
+    seqs, starts, images, extra = [], [], [], []
+    for i in range(batch_size):
+        if rng.random() < video_fraction:
+            clip = sample_clip(SPLITS["train"] + (first + i) % SPLIT_SIZE, n_frames)
+            ids, start = clip_sample(encoder, clip, clip_question(clip, rng))
+            scenes, firsts = clip.frames, []
+        else:
+            scene = sample_scene(SPLITS["train"] + (first + i) % SPLIT_SIZE)
+            if rng.random() < chat_fraction:
+                other = sample_scene(SPLITS["train"] + (first + i + SPLIT_SIZE // 2) % SPLIT_SIZE)
+                conversation = sample_conversation(scene, other, rng, question_fraction)
+                ids, start = conversation_sample(encoder, conversation)
+                scenes = conversation.scenes
+                firsts = earlier_answer_starts(encoder, conversation, ids) if earlier_first_tokens else []
+            else:
+                ex = make_example(scene, rng, question_fraction)
+                prompt = encoder.prompt_ids(ex.prompt)
+                ids, start, scenes, firsts = prompt + encoder.answer_ids(ex.answer), len(prompt), (scene,), []
+        seqs.append(ids)
+        starts.append(start)
+        extra.append(firsts)
+        images += [render(s) for s in scenes]
+    return collate_ids(encoder, seqs, starts, images, extra)
+
+
 def step_batch(encoder: Encoder, config, step: int) -> Batch:
-    """The batch of a training step under a TrainConfig (single-turn only when chat_fraction = 0,
-    exactly the batches the shipped single-turn recipe was trained on)."""
+    """The batch of a training step under a TrainConfig (single-turn only when chat_fraction =
+    video_fraction = 0, exactly the batches the shipped single-turn recipe was trained on)."""
+    if config.video_fraction > 0:
+        return video_batch(encoder, step, config.batch_size, config.seed, config.question_fraction,
+                           config.chat_fraction, config.video_fraction, config.video_frames,
+                           config.earlier_first_tokens)  # fmt: skip
     if config.chat_fraction > 0:
         return chat_batch(encoder, step, config.batch_size, config.seed, config.question_fraction,
                           config.chat_fraction, config.earlier_first_tokens)  # fmt: skip

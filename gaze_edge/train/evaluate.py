@@ -195,17 +195,18 @@ def decode_gaze(net, keep_ratio: float | None, top_k: int = 0, score_mode: str |
     return GazeConfig(top_k=top_k, keep_ratio=keep_ratio if keep_ratio is not None else 1.0, score_mode=mode)
 
 
-def visual_kv_fraction(net, keep_ratio: float | None) -> float:
-    """Fraction of the grid's KV entries a gaze step reads (GAZE_SPEC.md "Accounting"), for the
-    default 196-token grid: selected regions' tokens / grid tokens (1.0 for dense), averaged over
-    the text layers: the first ``n_dense_layers`` of a gaze checkpoint read the whole grid."""
+def visual_kv_fraction(net, keep_ratio: float | None, n_images: int = 1) -> float:
+    """Fraction of the grid's KV entries a gaze step reads (GAZE_SPEC.md "Accounting"), for
+    ``n_images`` default 196-token grids under one budget (a clip's frames): selected regions'
+    tokens / grid tokens (1.0 for dense), averaged over the text layers: the first
+    ``n_dense_layers`` of a gaze checkpoint read the whole grid."""
     from gaze_edge.reference import GazeVLM, region_token_counts
 
     if keep_ratio is None:
         return 1.0
     region = net.gaze_config if isinstance(net, GazeVLM) else GazeConfig(*DEFAULT_REGION)
     side = int(round(net_image_tokens(net) ** 0.5))
-    counts = region_token_counts(side, side, region.region_h, region.region_w)
+    counts = region_token_counts(side, side, region.region_h, region.region_w).repeat(n_images)
     k = GazeConfig(region.region_h, region.region_w, keep_ratio=keep_ratio).n_selected(len(counts))
     # a selection holds k regions; edge regions may be smaller, so this is an upper bound per step
     gazed = float(counts.sort(descending=True).values[:k].sum()) / float(counts.sum())

@@ -236,6 +236,12 @@ def _evaluate_during_training(out, net, tokenizer, config, step, on_log) -> None
     net.eval()
     score = evaluate_net(net, tokenizer, split="val", n_scenes=config.eval_scenes, gaze=config.gaze)
     record = {"step": step, "val_object_accuracy": score.object_accuracy, "val_scenes": score.n_scenes}
+    if config.video_fraction > 0:
+        from gaze_edge.train.evaluate_video import evaluate_clips
+
+        clips = evaluate_clips(net, tokenizer, split="val", n_clips=config.eval_scenes, n_frames=config.video_frames,
+                               gaze=config.gaze)  # fmt: skip
+        record["val_clip_accuracy"] = clips["all"]
     _log(out, record)
     if on_log:
         on_log(record)

@@ -51,6 +51,17 @@ def prompt_text(prompt: str, with_image: bool = True) -> str:
     return f"{BOS}{USER} {image}{prompt}\n{ASSISTANT}"
 
 
+def video_prompt_text(prompt: str, n_frames: int) -> str:
+    """A one-turn prompt about a clip of ``n_frames`` frames at 1 fps, laid out as the runtime lays
+    a video out (``gaze_edge.video.expand_videos``): each frame's image placeholder after its label,
+    "<s>USER: Frame 1 (0.0 s): <image>\nFrame 2 (1.0 s): <image>\n...\nPROMPT\nASSISTANT:"."""
+    from gaze_edge.video import Video, expand_videos
+
+    video = Video(frames=[None] * n_frames, timestamps=[float(i) for i in range(n_frames)])
+    pieces, _ = expand_videos(prompt_text(prompt).split(IMAGE), [video])
+    return IMAGE.join(pieces)
+
+
 def conversation_text(turns, answers) -> str:
     """The text of a multi-turn prompt up to and including the last turn's "ASSISTANT:".
 
