@@ -255,7 +255,8 @@ def _sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repe
               help="An image to ask about; repeatable.")
 @click.option("--video", type=click.Path(dir_okay=False),
               help="A video to ask about (after the images): frames sampled uniformly, each an image with "
-                   "its own label and regions, one gaze budget over all (needs the [video] extra).")
+                   "its own label and regions, one gaze budget over all (needs the [video] extra); without "
+                   "-m, the embedded video model answers.")
 @click.option("--fps", type=click.FloatRange(0, min_open=True),
               help="With --video: frames to sample per second (default: --max-frames over the whole clip).")
 @click.option("--max-frames", type=click.IntRange(1), default=8, show_default=True,
@@ -310,6 +311,10 @@ def chat(images, video, fps, max_frames, prompt, model_path, mmproj, ctx_size, g
 
         clip = load_video(video, fps=fps, max_frames=max_frames)  # video errors too
     verbose = bool(click.get_current_context().find_root().params.get("verbose"))
+    if clip is not None and not model_path:
+        from gaze_edge.default_model import video_model_dir
+
+        model_path = str(video_model_dir())  # the embedded model trained on clips
     model = _load_model(model_path, threads, verbose, mmproj=mmproj, n_ctx=ctx_size, gpu_layers=gpu_layers,
                         image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens,
                         gaze_asked=bool(keep_regions or keep_ratio or gaze_map))
@@ -767,16 +772,16 @@ def evaluate(path: str | None, keep_ratios: tuple[str, ...], scenes: int, split:
 # --------------------------------------------------------------------------- bench
 
 
-def _parse_counts(text: str) -> list[int]:
+def _parse_counts(text: str, flag: str = "--visual") -> list[int]:
     counts = []
     for part in text.split(","):
         part = part.strip().lower()
         try:
             n = int(float(part[:-1]) * 1024) if part.endswith("k") else int(part)
         except ValueError:
-            raise click.BadParameter(f"{part!r} is not a count (e.g. 4096 or 4k)", param_hint="--visual") from None
+            raise click.BadParameter(f"{part!r} is not a count (e.g. 4096 or 4k)", param_hint=flag) from None
         if n < 1:
-            raise click.BadParameter(f"{part!r} must be >= 1", param_hint="--visual")
+            raise click.BadParameter(f"{part!r} must be >= 1", param_hint=flag)
         counts.append(n)
     return counts
 
@@ -787,6 +792,8 @@ def _parse_counts(text: str) -> list[int]:
                               "our converter on first use (needs the [convert] extra): qwen2-0.5b.")
 @click.option("--visual", default="1k,4k,16k", show_default=True,
               help="Visual-token counts, comma-separated (k = 1024), filled with whole images.")
+@click.option("--frames", help="Instead of --visual: image counts, comma-separated (e.g. 8,32,128): video frames, "
+                               "each its own grid and context tokens under one gaze budget.")
 @click.option("--keep-ratio", "keep_ratios", multiple=True, type=click.FloatRange(0, 1, min_open=True),
               default=(0.1, 0.25, 0.5), show_default=True, help="Gaze keep ratios to time; repeatable.")
 @click.option("--rounds", default=4, show_default=True, type=click.IntRange(1),
@@ -811,7 +818,7 @@ def _parse_counts(text: str) -> list[int]:
               help="The gaze rows attend densely in the first N layers (default: the model's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
-def bench(model_dir, shape, visual, keep_ratios, rounds, steps, threads, kv_type, restrict, profile, warm, images,
+def bench(model_dir, shape, visual, frames, keep_ratios, rounds, steps, threads, kv_type, restrict, profile, warm, images,
           max_tokens, dense, score_mode, n_dense_layers, as_json) -> None:
     """Decode speed, dense vs gaze, side by side on one cache (default: the embedded model).
 
@@ -822,7 +829,9 @@ def bench(model_dir, shape, visual, keep_ratios, rounds, steps, threads, kv_type
     With --warm: the prompt time of a conversation's second turn, answered by the warm
     conversation and cold, alternating over --rounds.
     """
-    counts = _parse_counts(visual)
+    counts = _parse_counts(frames, "--frames") if frames else _parse_counts(visual)
+    if frames and warm:
+        raise click.BadParameter("--frames times decoding; --warm times turn 2", param_hint="--frames")
     if shape and model_dir:
         raise click.BadParameter("give a model folder or --shape, not both", param_hint="--shape")
     if warm:
@@ -843,7 +852,7 @@ def bench(model_dir, shape, visual, keep_ratios, rounds, steps, threads, kv_type
     model = _load_model(model_dir, threads, False)
     report = speed.run(model, counts, list(keep_ratios), rounds=rounds, per_round=steps, kv_type=kv_type,
                        restrict=restrict, profile=profile, score_mode=score_mode, n_dense_layers=n_dense_layers,
-                       progress=lambda line: click.echo(line, err=True))
+                       frames=bool(frames), progress=lambda line: click.echo(line, err=True))
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else speed.format_table(report))
 
 

@@ -87,6 +87,22 @@ def test_speed_rows_for_the_training_free_options(model):
     assert speed.SpeedReport.from_json(json.loads(json.dumps(report.to_json()))) == report
 
 
+def test_speed_by_frames_counts_images(model):
+    """--frames: the rows are that many images (video frames), one gaze budget over all of them."""
+    from click.testing import CliRunner
+
+    from gaze_edge.bench import speed
+    from gaze_edge.cli import main
+
+    report = speed.run(model, [3, 1], [0.1], rounds=1, per_round=1, bandwidth=20e9, frames=True)
+    assert [r.n_images for r in report.rows] == [1, 3]
+    assert [r.n_regions for r in report.rows] == [49, 3 * 49]
+    assert report.rows[1].modes[1].visual_kv_fraction == pytest.approx(n_selected(0, 0.1, 147) / 147)
+    assert "images" in speed.format_table(report).splitlines()[3]
+    bad = CliRunner().invoke(main, ["bench", "--frames", "8,x"])
+    assert bad.exit_code == 2 and "--frames" in bad.output and "'x' is not a count" in bad.output
+
+
 def test_speed_both_restrictions_and_the_node_profile(model):
     from gaze_edge.bench import speed
     from gaze_edge.bench.profile import GROUPS

@@ -134,8 +134,12 @@ def text_only_ms(model, token: int, n_steps: int) -> float:
 
 def run(model, visual: list[int], ratios: list[float], *, rounds: int = 4, per_round: int = 3,
         kv_type: str = "f16", restrict: str = "mask", bandwidth: float | None = None, profile: bool = False,
-        score_mode: str | None = None, n_dense_layers: int | None = None, progress=None) -> SpeedReport:
+        score_mode: str | None = None, n_dense_layers: int | None = None, frames: bool = False,
+        progress=None) -> SpeedReport:
     """Benchmark ``model`` (a loaded GazeModel with a projector) at each visual-token count.
+
+    frames: ``visual`` counts images (video frames: each its own grid and context tokens, one gaze
+      budget over all), not visual tokens.
 
     score_mode / n_dense_layers: the gaze rows' selection options (GAZE_SPEC.md; None: the model's),
     to time what an option costs per step.
@@ -171,7 +175,7 @@ def run(model, visual: list[int], ratios: list[float], *, rounds: int = 4, per_r
 
     # every scene image takes the same positions; its grid is at most those minus the context tokens
     grid_max = per_image_pos - model.gaze_defaults().n_context_tokens
-    n_ctx = 256 + (math.ceil(visual[-1] / grid_max) + 2) * per_image_pos
+    n_ctx = 256 + ((visual[-1] if frames else math.ceil(visual[-1] / grid_max)) + 2) * per_image_pos
     session = model.session(gaze=True, n_ctx=n_ctx, kv_type=kv_type, trace=False, score_mode=score_mode,
                             n_dense_layers=n_dense_layers, eval_callback=profiler.callback if profiler else None)
     n_images = grid_tokens = 0
@@ -181,7 +185,7 @@ def run(model, visual: list[int], ratios: list[float], *, rounds: int = 4, per_r
         for target in visual:
             session.rewind(len(tail))  # the closing text goes after the new images
             t0, p0 = time.perf_counter(), session.n_past
-            while grid_tokens < target or n_images == 0:
+            while (n_images < target) if frames else (grid_tokens < target or n_images == 0):
                 img = session.add_image(_scene_images(1, n_images)[0])
                 n_images += 1
                 grid_tokens += img.grid[0] * img.grid[1]
@@ -273,7 +277,7 @@ def format_table(report: SpeedReport) -> str:
         + (f", first {r.n_dense_layers} layers dense" if r.n_dense_layers else ""),
         f"read bandwidth {r.bandwidth_gbs:.1f} GB/s (measured); text-only step {r.text_only_ms:.1f} ms",
         "",
-        f"{'visual':>7} {'cached':>7} {'prefill':>16} {'mode':>16} {'ms/token':>9} {'vs dense':>8} "
+        f"{'images':>6} {'visual':>7} {'cached':>7} {'prefill':>16} {'mode':>16} {'ms/token':>9} {'vs dense':>8} "
         f"{'visual KV':>9} {'overhead':>8} {'MB/step':>8} {'bound ms':>8} {'x bound':>7} {'attn':>5} {'peak RSS':>9}",
     ]
     for row in r.rows:
@@ -281,7 +285,8 @@ def format_table(report: SpeedReport) -> str:
             first = i == 0
             prefill = f"{row.prefill_s:.1f} s {row.prefill_tokens / max(row.prefill_s, 1e-9):.0f} t/s" if first else ""
             lines.append(
-                f"{row.visual_tokens if first else '':>7} {row.cached_tokens if first else '':>7} {prefill:>16} "
+                f"{row.n_images if first else '':>6} {row.visual_tokens if first else '':>7} "
+                f"{row.cached_tokens if first else '':>7} {prefill:>16} "
                 f"{m.mode:>16} {m.decode_ms:>9.1f} {m.vs_dense:>7.2f}x {100 * m.visual_kv_fraction:>8.1f}% "
                 f"{(f'{m.overhead_ms:.1f}' if m.overhead_ms is not None else ''):>8} {m.step_mb:>8.0f} {m.bound_ms:>8.1f} {m.x_bound:>6.2f}x "
                 f"{(f'{100 * row.attention_share:.0f}%' if first else ''):>5} "
