@@ -35,3 +35,19 @@ def default_checkpoint_dir() -> Path:
             "source repository, not in the wheel"
         )
     return DEFAULT_HF_DIR
+
+
+# the embedded video model: the default model fine-tuned on GazeScenes clips as well (docs/TRAINING.md,
+# "Video"); `gaze-edge chat --video` runs it when no model is given
+VIDEO_DIR = DEFAULT_DIR.parent / "video"
+VIDEO_HF_DIR = DEFAULT_DIR.parent / "video-hf"
+
+
+def video_model_dir() -> Path:
+    """The folder holding the embedded video model's GGUF pair, or a clear error."""
+    if not any(VIDEO_DIR.glob("*.gguf")):
+        raise GazeEdgeError(
+            f"the embedded video model is not there ({VIDEO_DIR} has no GGUF files); "
+            "pass --model DIR with a model converted by `gaze-edge convert`"
+        )
+    return VIDEO_DIR

@@ -168,3 +168,18 @@ def test_shipped_default_model_is_the_conversion_of_its_checkpoint(tmp_path):
                           progress=False)
     for made in (llm, mmproj):
         assert made.read_bytes() == (DEFAULT_DIR / made.name).read_bytes(), made.name
+
+
+def test_shipped_video_model_is_the_conversion_of_its_checkpoint(tmp_path):
+    """gaze_edge/models/video/ is exactly what `gaze-edge convert` makes of video-hf (f32), and
+    states the 2048 positions it was trained with (a clip of 8 frames is ~1760 tokens)."""
+    from gaze_edge.convert import convert
+    from gaze_edge.default_model import VIDEO_DIR, VIDEO_HF_DIR
+
+    llm, mmproj = convert(VIDEO_HF_DIR, tmp_path, outtype="f32", name="gaze-scenes-video", progress=False)
+    for made in (llm, mmproj):
+        assert made.read_bytes() == (VIDEO_DIR / made.name).read_bytes(), made.name
+    from gguf import GGUFReader
+
+    field = GGUFReader(llm).fields["llama.context_length"]
+    assert int(field.parts[field.data[0]][0]) == 2048

@@ -31,7 +31,9 @@ def test_wheel_maps_cli_and_convert_under_gaze_edge(tmp_path):
     # the embedded default model ships; its training checkpoint (default-hf) stays in the repo
     assert {"gaze_edge/models/default/gaze-scenes-f32.gguf",
             "gaze_edge/models/default/mmproj-gaze-scenes-f32.gguf"} <= set(names)
-    assert not any("default-hf" in n for n in names)
+    assert {"gaze_edge/models/video/gaze-scenes-video-f32.gguf",
+            "gaze_edge/models/video/mmproj-gaze-scenes-video-f32.gguf"} <= set(names)
+    assert not any("default-hf" in n or "video-hf" in n for n in names)
     entry = zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "gaze-edge = gaze_edge.cli:main" in entry

@@ -520,3 +520,39 @@ def test_cli_too_many_frames_for_the_context(av, tmp_path):
     assert "--max-frames" in line
     bad = CliRunner().invoke(main, ["chat", "--fps", "2", "-p", "hi"])
     assert bad.exit_code == 2 and "--fps needs a --video" in bad.output
+
+
+@pytest.mark.runtime
+def test_the_embedded_video_model_answers_clips_as_the_reference_does(av, tmp_path):
+    """The shipped video model (gaze_edge/models/video, the conversion of video-hf): through the
+    runtime, test clips given as frame lists get the reference's greedy answers at keep 0.1, and
+    `gaze-edge chat --video` without -m runs it on a clip written to a file."""
+    from gaze_edge.default_model import VIDEO_HF_DIR, video_model_dir
+    from gaze_edge.runtime.model import GazeModel
+    from gaze_edge.scenes import render
+    from gaze_edge.scenes.clips import score_clip_answers, split_clips
+    from gaze_edge.train.evaluate import decode_gaze
+    from gaze_edge.train.evaluate_video import clip_answers
+    from gaze_edge.train.load import load_model_folder
+
+    if not (VIDEO_HF_DIR / "config.json").is_file():
+        pytest.skip("no video-hf checkpoint (a source checkout has it)")
+    items = split_clips("test", 8)
+    net, tokenizer = load_model_folder(VIDEO_HF_DIR)
+    reference = clip_answers(net, tokenizer, items, decode_gaze(net, 0.1))
+    model = GazeModel.load(video_model_dir(), n_threads=2)
+    try:
+        ours = [model.chat(ex.prompt, video=[render(s) for s in clip.frames], keep_ratio=0.1, max_tokens=64).text.strip()
+                for clip, ex in items]  # fmt: skip
+    finally:
+        model.close()
+    assert ours == reference
+    assert score_clip_answers(ours, items)["all"] > 0.25  # 8 clips: a floor, docs/TRAINING.md has 500
+    from gaze_edge.cli import main
+
+    clip, ex = items[1]
+    path = write_video(av, tmp_path / "clip.mp4", [np.asarray(render(s)) for s in clip.frames], fps=1)
+    result = CliRunner().invoke(main, ["chat", "--video", str(path), "-p", ex.prompt, "--json", "-q", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["video_frames"] == [float(i) for i in range(8)] and data["model"].endswith("video-f32.gguf")
