@@ -829,6 +829,8 @@ def bench(model_dir, shape, visual, frames, keep_ratios, rounds, steps, threads,
     With --warm: the prompt time of a conversation's second turn, answered by the warm
     conversation and cold, alternating over --rounds.
     """
+    if frames and click.get_current_context().get_parameter_source("visual") != click.core.ParameterSource.DEFAULT:
+        raise click.BadParameter("give --visual or --frames, not both", param_hint="--frames")
     counts = _parse_counts(frames, "--frames") if frames else _parse_counts(visual)
     if frames and warm:
         raise click.BadParameter("--frames times decoding; --warm times turn 2", param_hint="--frames")

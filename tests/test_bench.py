@@ -101,6 +101,8 @@ def test_speed_by_frames_counts_images(model):
     assert "images" in speed.format_table(report).splitlines()[3]
     bad = CliRunner().invoke(main, ["bench", "--frames", "8,x"])
     assert bad.exit_code == 2 and "--frames" in bad.output and "'x' is not a count" in bad.output
+    both = CliRunner().invoke(main, ["bench", "--frames", "8", "--visual", "4k"])
+    assert both.exit_code == 2 and "not both" in both.output
 
 
 def test_speed_both_restrictions_and_the_node_profile(model):
