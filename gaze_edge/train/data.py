@@ -186,24 +186,33 @@ def chat_batch(
     ``earlier_answer_starts``)."""
     first = (seed * 100_000_000 + step * batch_size) % SPLIT_SIZE
     rng = random.Random(f"gazescenes-chat-{seed}-{step}")
-    seqs, starts, images, extra = [], [], [], []
-    for i in range(batch_size):
-        scene = sample_scene(SPLITS["train"] + (first + i) % SPLIT_SIZE)
-        if rng.random() < chat_fraction:
-            other = sample_scene(SPLITS["train"] + (first + i + SPLIT_SIZE // 2) % SPLIT_SIZE)
-            conversation = sample_conversation(scene, other, rng, question_fraction)
-            ids, start = conversation_sample(encoder, conversation)
-            scenes = conversation.scenes
-            extra.append(earlier_answer_starts(encoder, conversation, ids) if earlier_first_tokens else [])
-        else:
-            ex = make_example(scene, rng, question_fraction)
-            prompt = encoder.prompt_ids(ex.prompt)
-            ids, start, scenes = prompt + encoder.answer_ids(ex.answer), len(prompt), (scene,)
-            extra.append([])
-        seqs.append(ids)
-        starts.append(start)
-        images += [render(s) for s in scenes]
-    return collate_ids(encoder, seqs, starts, images, extra)
+    rows = [_chat_row(encoder, first + i, rng, question_fraction, chat_fraction, earlier_first_tokens)
+            for i in range(batch_size)]  # fmt: skip
+    return _collate_rows(encoder, rows)
+
+
+Row = tuple[list[int], int, tuple, list[int]]  # token ids, answer start, scenes shown, earlier first tokens
+
+
+def _chat_row(encoder: Encoder, index: int, rng: random.Random, question_fraction: float, chat_fraction: float,
+              earlier_first_tokens: bool) -> Row:  # fmt: skip
+    """Train scene ``index``'s row of a chat batch: a conversation (probability ``chat_fraction``;
+    its second image from train scene index + 5 x 10^8) or a single turn."""
+    scene = sample_scene(SPLITS["train"] + index % SPLIT_SIZE)
+    if rng.random() < chat_fraction:
+        other = sample_scene(SPLITS["train"] + (index + SPLIT_SIZE // 2) % SPLIT_SIZE)
+        conversation = sample_conversation(scene, other, rng, question_fraction)
+        ids, start = conversation_sample(encoder, conversation)
+        firsts = earlier_answer_starts(encoder, conversation, ids) if earlier_first_tokens else []
+        return ids, start, conversation.scenes, firsts
+    ex = make_example(scene, rng, question_fraction)
+    prompt = encoder.prompt_ids(ex.prompt)
+    return prompt + encoder.answer_ids(ex.answer), len(prompt), (scene,), []
+
+
+def _collate_rows(encoder: Encoder, rows: list[Row]) -> Batch:
+    images = [render(s) for _, _, scenes, _ in rows for s in scenes]
+    return collate_ids(encoder, [r[0] for r in rows], [r[1] for r in rows], images, [r[3] for r in rows])
 
 
 def clip_sample(encoder: Encoder, clip, example: Example) -> tuple[list[int], int]:
@@ -222,29 +231,14 @@ def video_batch(encoder: Encoder, step: int, batch_size: int, seed: int, questio
 
     first = (seed * 100_000_000 + step * batch_size) % SPLIT_SIZE
     rng = random.Random(f"gazescenes-video-{seed}-{step}")
-    seqs, starts, images, extra = [], [], [], []
+    rows = []
     for i in range(batch_size):
         if rng.random() < video_fraction:
             clip = sample_clip(SPLITS["train"] + (first + i) % SPLIT_SIZE, n_frames)
-            ids, start = clip_sample(encoder, clip, clip_question(clip, rng))
-            scenes, firsts = clip.frames, []
+            rows.append((*clip_sample(encoder, clip, clip_question(clip, rng)), clip.frames, []))
         else:
-            scene = sample_scene(SPLITS["train"] + (first + i) % SPLIT_SIZE)
-            if rng.random() < chat_fraction:
-                other = sample_scene(SPLITS["train"] + (first + i + SPLIT_SIZE // 2) % SPLIT_SIZE)
-                conversation = sample_conversation(scene, other, rng, question_fraction)
-                ids, start = conversation_sample(encoder, conversation)
-                scenes = conversation.scenes
-                firsts = earlier_answer_starts(encoder, conversation, ids) if earlier_first_tokens else []
-            else:
-                ex = make_example(scene, rng, question_fraction)
-                prompt = encoder.prompt_ids(ex.prompt)
-                ids, start, scenes, firsts = prompt + encoder.answer_ids(ex.answer), len(prompt), (scene,), []
-        seqs.append(ids)
-        starts.append(start)
-        extra.append(firsts)
-        images += [render(s) for s in scenes]
-    return collate_ids(encoder, seqs, starts, images, extra)
+            rows.append(_chat_row(encoder, first + i, rng, question_fraction, chat_fraction, earlier_first_tokens))
+    return _collate_rows(encoder, rows)
 
 
 def step_batch(encoder: Encoder, config, step: int) -> Batch:
