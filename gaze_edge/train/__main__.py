@@ -93,47 +93,50 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
     elif args.command == "video-eval":
         from gaze_edge.train.evaluate_video import video_markdown, video_table
-        from gaze_edge.train.load import load_trained
-        from gaze_edge.train.loop import pick_device
 
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        net, tokenizer = load_trained(args.path, pick_device(args.device))
+        net, tokenizer = _load_for_eval(args)
         rows = video_table(net, tokenizer, args.keep_ratio or [None, 0.25, 0.1, 0.05], split=args.split,
-                           n_clips=args.clips, n_frames=args.frames, on_row=lambda r: print(json.dumps(r), flush=True))  # fmt: skip
-        print(video_markdown(rows))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
+                           n_clips=args.clips, n_frames=args.frames, on_row=_print_row)  # fmt: skip
+        _report(rows, video_markdown, args.json)
     elif args.command == "chat-eval":
         from gaze_edge.train.evaluate_chat import chat_markdown, chat_table
-        from gaze_edge.train.load import load_trained
-        from gaze_edge.train.loop import pick_device
 
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        net, tokenizer = load_trained(args.path, pick_device(args.device))
+        net, tokenizer = _load_for_eval(args)
         rows = chat_table(net, tokenizer, args.keep_ratio or [None, 0.25, 0.1], split=args.split,
-                          n_scenes=args.scenes, on_row=lambda r: print(json.dumps(r), flush=True))  # fmt: skip
-        print(chat_markdown(rows))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
+                          n_scenes=args.scenes, on_row=_print_row)  # fmt: skip
+        _report(rows, chat_markdown, args.json)
     else:
         from gaze_edge.train.compare import compare, markdown_table
 
         models = dict(m.split("=", 1) for m in args.models)
         rows = compare(models, args.keep_ratio or [None, 0.5, 0.25, 0.1], n_scenes=args.scenes,
-                       split=args.split, device=args.device, on_row=lambda r: print(json.dumps(r), flush=True))  # fmt: skip
-        print(markdown_table(rows))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
+                       split=args.split, device=args.device, on_row=_print_row)  # fmt: skip
+        _report(rows, markdown_table, args.json)
     return 0
+
+
+def _load_for_eval(args):
+    """(net, tokenizer) of args.path on args.device, with args.threads torch threads."""
+    from gaze_edge.train.load import load_trained
+    from gaze_edge.train.loop import pick_device
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return load_trained(args.path, pick_device(args.device))
+
+
+def _print_row(row: dict) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def _report(rows: list[dict], markdown, json_path: str | None) -> None:
+    """The table as markdown; the rows as JSON in json_path too, when given."""
+    print(markdown(rows))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":
