@@ -15,12 +15,16 @@ DEFAULT_DIR = Path(__file__).resolve().parent / "models" / "default"
 
 def default_model_dir() -> Path:
     """The folder holding the default GGUF pair, or a clear error when it is not there."""
-    if not any(DEFAULT_DIR.glob("*.gguf")):
+    return _embedded(DEFAULT_DIR, "default model")
+
+
+def _embedded(folder: Path, what: str) -> Path:
+    if not any(folder.glob("*.gguf")):
         raise GazeEdgeError(
-            f"the embedded default model is not there ({DEFAULT_DIR} has no GGUF files); "
+            f"the embedded {what} is not there ({folder} has no GGUF files); "
             "pass --model DIR with a model converted by `gaze-edge convert`"
         )
-    return DEFAULT_DIR
+    return folder
 
 
 # the PyTorch checkpoint the default GGUF pair was converted from: in a source checkout only
@@ -45,9 +49,4 @@ VIDEO_HF_DIR = DEFAULT_DIR.parent / "video-hf"
 
 def video_model_dir() -> Path:
     """The folder holding the embedded video model's GGUF pair, or a clear error."""
-    if not any(VIDEO_DIR.glob("*.gguf")):
-        raise GazeEdgeError(
-            f"the embedded video model is not there ({VIDEO_DIR} has no GGUF files); "
-            "pass --model DIR with a model converted by `gaze-edge convert`"
-        )
-    return VIDEO_DIR
+    return _embedded(VIDEO_DIR, "video model")
