@@ -7,6 +7,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from gaze_edge.scenes.clips import (
     APPEARED,
@@ -147,7 +148,7 @@ def test_video_batches_a_smoke_run_and_the_table(tmp_path):
     tokenizer = train_tokenizer(config.model.vocab_size, config.tokenizer_scenes)
     encoder = Encoder(tokenizer, 196)
     a, b = step_batch(encoder, config, 0), step_batch(encoder, config, 0)
-    assert torch_equal(a.input_ids, b.input_ids) and torch_equal(a.pixel_values, b.pixel_values)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
     assert 8 in a.n_images.tolist() and int(a.n_images.sum()) == a.pixel_values.shape[0]
     with pytest.raises(ValueError, match="video_fraction"):
         preset("smoke", video_fraction=1.5)
@@ -162,9 +163,3 @@ def test_video_batches_a_smoke_run_and_the_table(tmp_path):
     assert rows[1]["visual_kv_fraction"] == pytest.approx(40 * 4 / (8 * 196))  # ceil(0.1 x 392) regions
     assert rows[0]["n"] == 4 and set(rows[0]) >= {"all", "frame", "where", "when", "change"}
     assert "gaze 0.1" in video_markdown(rows)
-
-
-def torch_equal(x, y) -> bool:
-    import torch
-
-    return bool(torch.equal(x, y))

@@ -31,8 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gaze_edge.scenes.scene import COLOURS, GRID, POSITIONS, SHAPES, Scene, SceneObject, sample_scene
+from gaze_edge.scenes.score import count_correct, count_matches
 from gaze_edge.scenes.splits import SPLIT_SIZE, SPLITS
-from gaze_edge.scenes.text import Example, caption, describe_object
+from gaze_edge.scenes.text import Example, caption, describe_object, parse_caption
 
 DEFAULT_FRAMES = 8
 MIN_FRAMES, MAX_FRAMES = 8, 32
@@ -199,24 +200,16 @@ def split_clips(split: str, n: int, n_frames: int = DEFAULT_FRAMES, start: int =
 def score_clip_answer(answer: str, example: Example, clip: Clip) -> float:
     """One answer's score in [0, 1] (see the module docstring)."""
     if example.kind == "frame":
-        from gaze_edge.scenes.score import count_correct
-        from gaze_edge.scenes.text import parse_caption
-
         i = int(example.prompt.rstrip("?").rsplit(" ", 1)[1]) - 1
         said = parse_caption(answer)
         truth = clip.frames[i]
         return count_correct(said, truth) / max(1, len(truth.objects), len(said))
     if example.kind == "change":
-        said = parse_changes(answer)
-        remaining = set(changes(clip))
-        if not remaining:
+        truth = changes(clip)
+        if not truth:
             return float(answer.strip().lower() == "nothing.")
-        correct = 0
-        for item in said:
-            if item is not None and item in remaining:
-                remaining.discard(item)
-                correct += 1
-        return correct / max(len(changes(clip)), len(said))
+        said = parse_changes(answer)
+        return count_matches(said, set(truth)) / max(len(truth), len(said))
     return float(answer.strip().lower() == example.answer.strip().lower())
 
 

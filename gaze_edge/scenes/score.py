@@ -30,7 +30,12 @@ class CaptionScore:
 
 
 def count_correct(said: Sequence[tuple[str, str, str] | None], scene: Scene) -> int:
-    remaining = {obj.words for obj in scene.objects}
+    return count_matches(said, {obj.words for obj in scene.objects})
+
+
+def count_matches(said: Sequence[tuple | None], truth: set[tuple]) -> int:
+    """Items said that are true, each true item counted once (None: an unreadable part)."""
+    remaining = set(truth)
     correct = 0
     for item in said:
         if item is not None and item in remaining:
