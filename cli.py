@@ -311,7 +311,7 @@ def chat(images, video, fps, max_frames, prompt, model_path, mmproj, ctx_size, g
 
         clip = load_video(video, fps=fps, max_frames=max_frames)  # video errors too
     verbose = bool(click.get_current_context().find_root().params.get("verbose"))
-    if clip is not None and not model_path:
+    if clip is not None and not model_path and not mmproj:  # (--mmproj alone stays _load_model's usage error)
         from gaze_edge.default_model import video_model_dir
 
         model_path = str(video_model_dir())  # the embedded model trained on clips
