@@ -556,6 +556,6 @@ def test_the_embedded_video_model_answers_clips_as_the_reference_does(av, tmp_pa
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["video_frames"] == [float(i) for i in range(8)] and data["model"].endswith("video-f32.gguf")
-    alone = CliRunner().invoke(main, ["chat", "--video", str(path), "--mmproj", str(video_model_dir() / "x.gguf"),
+    alone = CliRunner().invoke(main, ["chat", "--video", str(path), "--mmproj", str(next(video_model_dir().glob("mmproj-*"))),
                                       "-p", ex.prompt])  # fmt: skip
     assert alone.exit_code == 2 and "--mmproj goes with -m/--model" in alone.output
